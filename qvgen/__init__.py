@@ -1,0 +1,34 @@
+"""QVGen: 4-bit (W4A4) video diffusion transformers by quantization-aware training.
+
+Where things live:
+- the method: `quantizers` (weight/activation quantizers), `layers` (QVGenLinear training form,
+  PackedLinear inference form), `decay` (Φ rank decay), `convert` (model surgery);
+- the format: `checkpoint` (docs/format.md);
+- the doors: `qvgen.train` (QAT CLI), `qvgen.diffusers_backend` (from_pretrained), `qvgen_nodes/`
+  (ComfyUI); the kernels live in `kernels/` (package `qvgen_kernels`).
+"""
+
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_quantized_model, save_quantized
+from .config import ConfigError, QVGenConfig
+from .convert import ConversionReport, build_packed_model, convert_model, pack_model
+from .decay import RankDecaySchedule
+from .layers import PackedLinear, QVGenLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "ConfigError",
+    "ConversionReport",
+    "PackedLinear",
+    "QVGenConfig",
+    "QVGenLinear",
+    "RankDecaySchedule",
+    "build_packed_model",
+    "convert_model",
+    "load_checkpoint",
+    "load_quantized_model",
+    "pack_model",
+    "save_quantized",
+]

@@ -1,0 +1,126 @@
+"""`QVGenConfig`: every quantization setting of a QVGen model, serialisable to JSON.
+
+The same object travels through training, the checkpoint's `quantization_config`, the diffusers
+backend and the ComfyUI loader, so a checkpoint always says exactly how to rebuild its layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "qvgen"
+
+
+class ConfigError(ValueError):
+    """A quantization config (or a field of it) is not what QVGen expects."""
+
+
+@dataclass
+class QVGenConfig:
+    """Settings of a QVGen (W4A4 QAT) model.
+
+    Defaults follow the paper: W4A4, Φ rank 32 halved every `phase_steps` (λ = 1/2), per-token
+    activation clipping learned per timestep bucket.
+    """
+
+    weight_bits: int = 4
+    act_bits: int | None = 4
+    rank: int = 32
+    decay_factor: float = 0.5
+    phase_steps: int = 444
+    n_buckets: int = 50
+    num_train_timesteps: int = 1000
+    act_fixed_clip: float = 0.95
+    act_clip_init: float = 0.95
+    modules_to_convert: list[str] = field(default_factory=lambda: ["*"])
+    modules_to_not_convert: list[str] = field(default_factory=list)
+    current_rank: int | None = None
+    format_version: int = FORMAT_VERSION
+    quant_method: str = QUANT_METHOD
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the field when a value is out of range."""
+        if self.quant_method != QUANT_METHOD:
+            raise ConfigError(f"quant_method: expected {QUANT_METHOD!r}, got {self.quant_method!r}")
+        if not isinstance(self.format_version, int) or not 1 <= self.format_version <= FORMAT_VERSION:
+            raise ConfigError(
+                f"format_version: this QVGen reads versions 1..{FORMAT_VERSION}, got {self.format_version!r}; "
+                "upgrade qvgen to load this checkpoint"
+            )
+        _check_int("weight_bits", self.weight_bits, 2, 8)
+        if self.act_bits is not None:
+            _check_int("act_bits", self.act_bits, 2, 8)
+        _check_int("rank", self.rank, 0, 4096)
+        _check_int("n_buckets", self.n_buckets, 1, 100_000)
+        _check_int("phase_steps", self.phase_steps, 1, 10**9)
+        _check_int("num_train_timesteps", self.num_train_timesteps, 1, 10**9)
+        if self.current_rank is not None:
+            _check_int("current_rank", self.current_rank, 0, self.rank)
+        if not 0.0 < self.decay_factor < 1.0:
+            raise ConfigError(f"decay_factor: expected a value in (0, 1), got {self.decay_factor!r}")
+        for name in ("act_fixed_clip", "act_clip_init"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ConfigError(f"{name}: expected a value in (0, 1], got {v!r}")
+        for name in ("modules_to_convert", "modules_to_not_convert"):
+            v = getattr(self, name)
+            if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
+                raise ConfigError(f"{name}: expected a list of name patterns, got {v!r}")
+
+    # ---- layer selection -------------------------------------------------------------------
+    def should_convert(self, name: str) -> bool:
+        """Whether the linear layer at module path `name` is quantized (fnmatch patterns)."""
+        if any(fnmatch.fnmatchcase(name, p) for p in self.modules_to_not_convert):
+            return False
+        return any(fnmatch.fnmatchcase(name, p) for p in self.modules_to_convert)
+
+    @property
+    def act_clip_logit_init(self) -> float:
+        """Initial clipping logit: sigmoid(logit) = act_clip_init."""
+        p = self.act_clip_init
+        return math.log(p / (1 - p)) if p < 1 else 12.0
+
+    # ---- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "quantization_config") -> QVGenConfig:
+        """Build from a dict, rejecting unknown keys so typos and newer formats fail loudly."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        try:
+            return cls(**data)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "quantization_config") -> QVGenConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source}: not valid JSON ({e})") from None
+        return cls.from_dict(data, source=source)
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{name}: expected an integer in [{lo}, {hi}], got {value!r}")

@@ -1,0 +1,159 @@
+"""Model surgery: swap `nn.Linear` layers for QVGen's training or inference form.
+
+Works on any PyTorch model; the diffusers Wan and CogVideoX transformers are tested. Convolutions
+(patch embedding), norms, attention matmuls are left alone, as DESIGN.md part A prescribes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import QVGenConfig
+from .layers import PackedLinear, QVGenLinear
+from .timestep import TimestepState, attach_timestep_hook
+
+STATE_ATTR = "_qvgen_timestep_state"
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion touched: module paths converted and those skipped by the config."""
+
+    converted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    quantized_params: int = 0
+    total_params: int = 0
+
+    def __str__(self) -> str:
+        pct = 100.0 * self.quantized_params / max(self.total_params, 1)
+        return (
+            f"QVGen: converted {len(self.converted)} linear layers ({self.quantized_params:,} of "
+            f"{self.total_params:,} parameters, {pct:.1f}%); left in full precision: {len(self.skipped)}"
+        )
+
+
+def _linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
+    for name, module in list(model.named_modules()):
+        if _is_foreign_linear(module):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            yield name, parent, child, module
+
+
+def _is_foreign_linear(module: nn.Module) -> bool:
+    """Linear subclasses of other frameworks (e.g. ComfyUI's ops) count as linear layers."""
+    return isinstance(module, nn.Linear) and not isinstance(module, (QVGenLinear, PackedLinear))
+
+
+def timestep_state(model: nn.Module, config: QVGenConfig) -> TimestepState:
+    """The model's shared timestep state (created and hooked on first use)."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        state = TimestepState(config.n_buckets, config.num_train_timesteps)
+        object.__setattr__(model, STATE_ATTR, state)
+        attach_timestep_hook(model, state)
+    return state
+
+
+def convert_model(
+    model: nn.Module, config: QVGenConfig, *, init: bool = True, progress: bool = True
+) -> ConversionReport:
+    """Replace matching linear layers with `QVGenLinear` (in place) and report what changed.
+
+    `init=True` runs the weight clip search and Φ's SVD init; pass False when a checkpoint's
+    state will be loaded right after.
+    """
+    report = ConversionReport(total_params=sum(p.numel() for p in model.parameters()))
+    state = timestep_state(model, config)
+    todo = []
+    for name, parent, child, linear in _linears(model):
+        if config.should_convert(name):
+            todo.append((name, parent, child, linear))
+        else:
+            report.skipped.append(name)
+    for name, parent, child, linear in tqdm(todo, desc="QVGen: quantizing layers", disable=not progress):
+        layer = QVGenLinear.from_linear(linear, config, init=init)
+        layer.timestep_state = state
+        setattr(parent, child, layer)
+        report.converted.append(name)
+        report.quantized_params += linear.weight.numel()
+    return report
+
+
+def build_packed_model(
+    model: nn.Module,
+    config: QVGenConfig,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str | None = None,
+    rank: int | None = None,
+) -> ConversionReport:
+    """Replace matching linear layers with empty `PackedLinear` shells, ready for a state dict.
+
+    Works on a model created on the `meta` device, so no full-precision copy is materialised.
+    """
+    report = ConversionReport(total_params=sum(p.numel() for p in model.parameters()))
+    state = timestep_state(model, config)
+    rank = config.current_rank if rank is None else rank
+    for name, parent, child, linear in _linears(model):
+        if not config.should_convert(name):
+            report.skipped.append(name)
+            continue
+        r = min(rank or 0, linear.in_features, linear.out_features)
+        layer = PackedLinear(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            weight_bits=config.weight_bits,
+            act_bits=config.act_bits,
+            n_buckets=config.n_buckets,
+            rank=r,
+            dtype=dtype,
+            device=device if device is not None else linear.weight.device,
+        )
+        layer.timestep_state = state
+        setattr(parent, child, layer)
+        report.converted.append(name)
+        report.quantized_params += linear.weight.numel()
+    return report
+
+
+@torch.no_grad()
+def pack_model(model: nn.Module, config: QVGenConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Turn a trained (or freshly converted) model into its packed inference form, in place."""
+    state = timestep_state(model, config)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QVGenLinear):
+            continue
+        tensors = module.export_tensors()
+        r = module.rank
+        layer = PackedLinear(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            weight_bits=config.weight_bits,
+            act_bits=config.act_bits,
+            n_buckets=config.n_buckets,
+            rank=r,
+            dtype=dtype,
+            device=module.weight.device,
+        )
+        layer.load_state_dict({k: v.to(getattr(layer, k).dtype) for k, v in tensors.items()})
+        layer.timestep_state = state
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QVGenLinear | PackedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QVGenLinear, PackedLinear))}
+
+
+def current_rank(model: nn.Module) -> int:
+    """Largest live Φ rank over the model's quantized layers (0 when Φ is gone)."""
+    return max((m.rank for m in quantized_layers(model).values()), default=0)

@@ -1,0 +1,238 @@
+"""The quantized linear layer in its two forms.
+
+`QVGenLinear` is the training form: fake-quantized weight and input plus the low-rank auxiliary
+branch Φ (`y = x̂ (Ŵ + L diag(m) R)ᵀ + b`). `PackedLinear` is the inference form loaded from a
+checkpoint: packed integer weights, integer GEMM through `qvgen_kernels`, Φ only while rank > 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import QVGenConfig
+from .kernels_import import qvgen_kernels
+from .quantizers import SCALE_MIN, ActQuantizer, WeightQuantizer, select_clip
+from .timestep import TimestepState
+
+
+def _bucket(state: TimestepState | None) -> Tensor | int:
+    return 0 if state is None else state.bucket
+
+
+class QVGenLinear(nn.Module):
+    """Training form: W{b}A{b} fake quantization with a masked low-rank branch Φ."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, config: QVGenConfig, rank: int | None = None
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.weight_quantizer = WeightQuantizer(out_features, in_features, config.weight_bits)
+        self.act_quantizer = (
+            ActQuantizer(config.act_bits, config.n_buckets, config.act_fixed_clip, config.act_clip_logit_init)
+            if config.act_bits is not None
+            else None
+        )
+        r = min(config.rank if rank is None else rank, in_features, out_features)
+        self.phi_down: nn.Parameter | None = None
+        self.phi_up: nn.Parameter | None = None
+        if r > 0:
+            self.phi_down = nn.Parameter(torch.zeros(r, in_features))
+            self.phi_up = nn.Parameter(torch.zeros(out_features, r))
+            self.register_buffer("phi_mask", torch.ones(r))
+        else:
+            self.register_buffer("phi_mask", None)
+        self.timestep_state: TimestepState | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QVGenConfig, init: bool = True) -> QVGenLinear:
+        """Wrap an existing `nn.Linear` (weights copied); `init` runs the clip search and Φ's SVD."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config)
+        layer.to(device=linear.weight.device)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight.float())
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.float())
+        if init:
+            layer.weight_quantizer.init_from(layer.weight)
+            layer.init_phi()
+        return layer
+
+    # ---- Φ -----------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """Live components of Φ (those with a non-zero mask)."""
+        return 0 if self.phi_mask is None else int((self.phi_mask > 0).sum())
+
+    @torch.no_grad()
+    def quant_error(self) -> Tensor:
+        return self.weight.float() - self.weight_quantizer(self.weight.float())
+
+    @torch.no_grad()
+    def init_phi(self) -> None:
+        """Φ from the SVD of the quantization error: L = U√S, R = √S Vᵀ (top-r components)."""
+        if self.phi_down is None:
+            return
+        self._set_phi_from(self.quant_error(), self.phi_down.shape[0])
+
+    @torch.no_grad()
+    def halve_phi(self, new_rank: int) -> None:
+        """Phase boundary: re-SVD of the current masked product, keep the top `new_rank`."""
+        if self.phi_down is None:
+            return
+        if new_rank <= 0:
+            self.remove_phi()
+            return
+        self._set_phi_from(self.phi_product(), new_rank)
+
+    def _set_phi_from(self, mat: Tensor, rank: int) -> None:
+        u, s, vh = torch.linalg.svd(mat.float(), full_matrices=False)
+        rank = min(rank, s.numel(), self.phi_down.shape[0])
+        root = s[:rank].sqrt()
+        self.phi_up.zero_()
+        self.phi_down.zero_()
+        self.phi_up[:, :rank] = (u[:, :rank] * root).to(self.phi_up.dtype)
+        self.phi_down[:rank] = (root[:, None] * vh[:rank]).to(self.phi_down.dtype)
+        self.phi_mask.zero_()
+        self.phi_mask[:rank] = 1.0
+
+    @torch.no_grad()
+    def phi_product(self) -> Tensor:
+        """`L diag(m) R`, the weight-space correction Φ currently adds."""
+        if self.phi_down is None:
+            return torch.zeros(self.out_features, self.in_features, device=self.weight.device)
+        return (self.phi_up.float() * self.phi_mask) @ self.phi_down.float()
+
+    def remove_phi(self) -> None:
+        """Rank 0: drop Φ entirely so the layer is plain W{b}A{b}."""
+        self.phi_down = None
+        self.phi_up = None
+        self.phi_mask = None
+
+    # ---- forward -----------------------------------------------------------------------------
+    def quantize_input(self, x: Tensor) -> Tensor:
+        if self.act_quantizer is None:
+            return x
+        return self.act_quantizer(x, _bucket(self.timestep_state))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_hat = self.quantize_input(x)
+        w_hat = self.weight_quantizer(self.weight)
+        bias = None if self.bias is None else self.bias.to(x_hat.dtype)
+        y = F.linear(x_hat, w_hat.to(x_hat.dtype), bias)
+        if self.phi_down is not None:
+            down = F.linear(x_hat, self.phi_down.to(x_hat.dtype)) * self.phi_mask.to(x_hat.dtype)
+            y = y + F.linear(down, self.phi_up.to(x_hat.dtype))
+        return y
+
+    # ---- export ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def export_tensors(self) -> dict[str, Tensor]:
+        """The packed-format tensors of this layer (see docs/format.md)."""
+        wq = self.weight_quantizer
+        q = wq.int_codes(self.weight)
+        out: dict[str, Tensor] = {
+            "qweight": qvgen_kernels.pack_weight(q, wq.bits),
+            "weight_scale": wq.scale.detach().float().clamp(min=SCALE_MIN).reshape(-1).clone(),
+            "weight_zero": wq.zero.detach().float().reshape(-1).clone(),
+            "weight_qsum": q.to(torch.int32).sum(dim=1).to(torch.int32),
+        }
+        if self.act_quantizer is not None:
+            out["act_clip"] = self.act_quantizer.clip_factors().detach().float().clone()
+        if self.bias is not None:
+            out["bias"] = self.bias.detach().float().clone()
+        r = self.rank
+        if r > 0:
+            out["phi_down"] = self.phi_down[:r].detach().float().clone()
+            out["phi_up"] = (self.phi_up[:, :r] * self.phi_mask[:r]).detach().float().clone()
+        return out
+
+    def extra_repr(self) -> str:
+        a = self.act_quantizer.bits if self.act_quantizer is not None else 16
+        return f"in={self.in_features}, out={self.out_features}, W{self.weight_quantizer.bits}A{a}, rank={self.rank}"
+
+
+class PackedLinear(nn.Module):
+    """Inference form: packed integer weights; runs the integer arithmetic via `qvgen_kernels`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        weight_bits: int = 4,
+        act_bits: int | None = 4,
+        n_buckets: int = 1,
+        rank: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_bits, self.act_bits = weight_bits, act_bits
+        packed_k = math.ceil(in_features / 2) if weight_bits <= 4 else in_features
+        # Frozen parameters rather than buffers: diffusers and ComfyUI look at parameters for
+        # device placement, offload and a module's dtype. `weight_scale` comes first so that
+        # `next(module.parameters()).dtype` is a float dtype, never uint8.
+        kw = {"device": device}
+        self._frozen("weight_scale", torch.ones(out_features, dtype=torch.float32, **kw))
+        self._frozen("qweight", torch.zeros(out_features, packed_k, dtype=torch.uint8, **kw))
+        self._frozen("weight_zero", torch.zeros(out_features, dtype=torch.float32, **kw))
+        self._frozen("weight_qsum", torch.zeros(out_features, dtype=torch.int32, **kw))
+        self._frozen("act_clip", torch.ones(n_buckets, 2, **kw) if act_bits is not None else None)
+        self._frozen("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
+        self._frozen("phi_down", torch.zeros(rank, in_features, dtype=dtype, **kw) if rank else None)
+        self._frozen("phi_up", torch.zeros(out_features, rank, dtype=dtype, **kw) if rank else None)
+        self.timestep_state: TimestepState | None = None
+        self.backend = "auto"
+
+    def _frozen(self, name: str, t: Tensor | None) -> None:
+        self.register_parameter(name, None if t is None else nn.Parameter(t, requires_grad=False))
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.phi_down is None else self.phi_down.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        lo: Tensor | float = 1.0
+        hi: Tensor | float = 1.0
+        if self.act_bits is not None:
+            lo, hi = select_clip(self.act_clip.float(), _bucket(self.timestep_state), x)
+            lo, hi = lo.squeeze(-1), hi.squeeze(-1)
+        bias = self.bias
+        return qvgen_kernels.quantized_linear(
+            x,
+            self.qweight,
+            self.weight_scale.float(),
+            self.weight_zero.float(),
+            self.weight_qsum,
+            bias,
+            in_features=self.in_features,
+            w_bits=self.weight_bits,
+            a_bits=self.act_bits,
+            clip_lo=lo,
+            clip_hi=hi,
+            phi_down=self.phi_down,
+            phi_up=self.phi_up,
+            out_dtype=x.dtype,
+            backend=self.backend,
+        )
+
+    @torch.no_grad()
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """`s_w (q_w - z_w)` (plus Φ's product folded in), for LoRA patching and debugging."""
+        q = qvgen_kernels.unpack_weight(self.qweight, self.weight_bits, self.in_features).float()
+        w = self.weight_scale[:, None] * (q - self.weight_zero[:, None])
+        if self.phi_down is not None:
+            w = w + self.phi_up.float() @ self.phi_down.float()
+        return w.to(dtype)
+
+    def extra_repr(self) -> str:
+        a = self.act_bits if self.act_bits is not None else 16
+        return f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{a}, rank={self.rank}"

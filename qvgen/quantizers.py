@@ -1,0 +1,148 @@
+"""Weight and activation quantizers of QVGen (DESIGN.md part A), in fake-quant training form.
+
+Both are asymmetric with straight-through rounding. The weight quantizer learns a per-row scale
+and a *real* zero point (LSQ+); the activation quantizer is dynamic per token and learns only
+its clipping factors, one pair per timestep bucket.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+SCALE_MIN = 1e-5
+CLIP_RATIOS = tuple(round(1.0 - 0.01 * i, 2) for i in range(80))  # 1.00, 0.99, ..., 0.21
+CLIP_SEARCH_NORM = 2.4
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """`round` in the forward pass, identity in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(x: Tensor, scale: float) -> Tensor:
+    """Value of `x`, gradient multiplied by `scale` (LSQ's step-size gradient scaling)."""
+    return (x - x * scale).detach() + x * scale
+
+
+def fake_quant_weight(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """`s · (clamp(round(W/s + z), 0, 2^b-1) - z)` with STE round; `s`, `z` shaped (out, 1)."""
+    qmax = 2**bits - 1
+    q = torch.clamp(round_ste(w / scale + zero), 0, qmax)
+    return scale * (q - zero)
+
+
+def quantize_weight_int(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Integer codes of the weight (uint8), the same values `fake_quant_weight` uses."""
+    qmax = 2**bits - 1
+    return torch.clamp(torch.round(w.float() / scale.float() + zero.float()), 0, qmax).to(torch.uint8)
+
+
+def init_weight_qparams(w: Tensor, bits: int, norm: float = CLIP_SEARCH_NORM) -> tuple[Tensor, Tensor]:
+    """Clip-ratio search per row: keep the ratio minimising Σ|Q(W) - W|^2.4 (returns `s`, `z`)."""
+    w = w.detach().float()
+    qmax = 2**bits - 1
+    wmin = w.amin(dim=1, keepdim=True)
+    wmax = w.amax(dim=1, keepdim=True)
+    best_err = torch.full_like(wmin, float("inf"))
+    best_s, best_z = torch.ones_like(wmin), torch.zeros_like(wmin)
+    for ratio in CLIP_RATIOS:
+        lo, hi = wmin * ratio, wmax * ratio
+        s = ((hi - lo) / qmax).clamp(min=SCALE_MIN)
+        z = -lo / s
+        err = (fake_quant_weight(w, s, z, bits) - w).abs().pow(norm).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel asymmetric quantizer with learnable scale and real zero point (LSQ+)."""
+
+    def __init__(self, out_features: int, in_features: int, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.scale = nn.Parameter(torch.ones(out_features, 1))
+        self.zero = nn.Parameter(torch.zeros(out_features, 1))
+        self.grad_factor = 1.0 / math.sqrt(in_features * (2**bits - 1))
+
+    @torch.no_grad()
+    def init_from(self, weight: Tensor) -> None:
+        s, z = init_weight_qparams(weight, self.bits)
+        self.scale.copy_(s)
+        self.zero.copy_(z)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        s = grad_scale(self.scale, self.grad_factor).clamp(min=SCALE_MIN)
+        z = grad_scale(self.zero, self.grad_factor)
+        return fake_quant_weight(weight.float(), s, z, self.bits).to(weight.dtype)
+
+    def int_codes(self, weight: Tensor) -> Tensor:
+        return quantize_weight_int(weight, self.scale.clamp(min=SCALE_MIN), self.zero, self.bits)
+
+
+def act_qparams(
+    x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, bits: int
+) -> tuple[Tensor, Tensor]:
+    """Per-token scale and integer zero point from the clipped row min/max (fp32)."""
+    qmax = 2**bits - 1
+    xmin = x.amin(dim=-1, keepdim=True) * clip_lo
+    xmax = x.amax(dim=-1, keepdim=True) * clip_hi
+    s = ((xmax - xmin) / qmax).clamp(min=SCALE_MIN)
+    z = torch.clamp(round_ste(-xmin / s), 0, qmax)
+    return s, z
+
+
+def fake_quant_act(x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, bits: int) -> Tensor:
+    """Dynamic per-token asymmetric fake quantization, STE round, computed in fp32."""
+    qmax = 2**bits - 1
+    xf = x.float()
+    s, z = act_qparams(xf, clip_lo, clip_hi, bits)
+    q = torch.clamp(round_ste(xf / s) + z, 0, qmax)
+    return (s * (q - z)).to(x.dtype)
+
+
+class ActQuantizer(nn.Module):
+    """Per-token dynamic quantizer; one learnable pair of clipping logits per timestep bucket."""
+
+    def __init__(
+        self, bits: int, n_buckets: int, fixed_clip: float = 0.95, logit_init: float = 2.944
+    ) -> None:
+        super().__init__()
+        self.bits = bits
+        self.fixed_clip = fixed_clip
+        self.clip_logits = nn.Parameter(torch.full((n_buckets, 2), float(logit_init)))
+
+    def clip_factors(self) -> Tensor:
+        """Effective (lower, upper) factors per bucket, `fixed · sigmoid(γ)`, shape (n_buckets, 2)."""
+        return self.fixed_clip * torch.sigmoid(self.clip_logits)
+
+    def factors_for(self, bucket: Tensor | int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Clip factors broadcastable against `x`'s per-token (…, 1) statistics."""
+        return select_clip(self.clip_factors(), bucket, x)
+
+    def forward(self, x: Tensor, bucket: Tensor | int = 0) -> Tensor:
+        lo, hi = self.factors_for(bucket, x)
+        return fake_quant_act(x, lo, hi, self.bits)
+
+
+def select_clip(factors: Tensor, bucket: Tensor | int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Pick (lower, upper) factors for `x` from a (n_buckets, 2) table.
+
+    `bucket` is an int (whole batch) or a (B,) tensor, one bucket per sample along x's first dim.
+    """
+    if isinstance(bucket, Tensor) and bucket.numel() > 1:
+        if bucket.numel() != x.shape[0]:
+            raise ValueError(
+                f"timestep bucket has {bucket.numel()} entries but the input batch is {x.shape[0]}"
+            )
+        f = factors[bucket.to(factors.device).long()]  # (B, 2)
+        f = f.view(f.shape[0], *([1] * (x.dim() - 2)), 2)
+    else:
+        idx = int(bucket) if not isinstance(bucket, Tensor) else int(bucket.reshape(-1)[0])
+        f = factors[idx]
+    return f[..., 0:1].float(), f[..., 1:2].float()

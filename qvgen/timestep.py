@@ -1,0 +1,67 @@
+"""Feeding the diffusion timestep to the activation-clipping buckets.
+
+Every quantized layer of a model shares one `TimestepState`. A forward pre-hook on the model's
+root reads its `timestep` argument (diffusers and ComfyUI both pass it second or by name) and
+stores the bucket, `floor(t / T_train · n_buckets)`, the same rule in training and inference, so
+any scheduler and step count pick the clipping factors the layer was trained with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+HOOK_ATTR = "_qvgen_timestep_hook"
+
+
+@dataclass
+class TimestepState:
+    """Current bucket(s): an int for the whole batch or a (B,) long tensor, one per sample."""
+
+    n_buckets: int = 1
+    num_train_timesteps: int = 1000
+    bucket: Tensor | int = 0
+
+    def set_timestep(self, t: Tensor | float | int | None) -> None:
+        self.bucket = timestep_to_bucket(t, self.n_buckets, self.num_train_timesteps)
+
+
+def timestep_to_bucket(
+    t: Tensor | float | int | None, n_buckets: int, num_train_timesteps: int
+) -> Tensor | int:
+    """Bucket index of timestep(s) `t` in [0, num_train_timesteps]; None → bucket 0."""
+    if t is None or n_buckets == 1:
+        return 0
+    if isinstance(t, Tensor):
+        b = torch.floor(t.detach().float().reshape(-1) / num_train_timesteps * n_buckets).long()
+        b = b.clamp(0, n_buckets - 1)
+        return b if b.numel() > 1 else int(b.item()) if b.numel() == 1 else 0
+    return min(max(int(float(t) / num_train_timesteps * n_buckets), 0), n_buckets - 1)
+
+
+def _extract_timestep(args: tuple, kwargs: dict[str, Any], arg_index: int) -> Any:
+    if "timestep" in kwargs:
+        return kwargs["timestep"]
+    if "timesteps" in kwargs:
+        return kwargs["timesteps"]
+    return args[arg_index] if len(args) > arg_index else None
+
+
+def attach_timestep_hook(
+    model: nn.Module, state: TimestepState, arg_index: int = 1, extract: Callable[..., Any] | None = None
+) -> None:
+    """Install (once) the pre-hook that updates `state` from each forward call of `model`."""
+    old = getattr(model, HOOK_ATTR, None)
+    if old is not None:
+        old.remove()
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        t = extract(args, kwargs) if extract is not None else _extract_timestep(args, kwargs, arg_index)
+        state.set_timestep(t)
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    object.__setattr__(model, HOOK_ATTR, handle)
