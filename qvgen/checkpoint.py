@@ -204,9 +204,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
         if "quantization_config" not in model_config:
-            raise CheckpointError(
-                f"{cfg_file}: no 'quantization_config' entry; this is not a QVGen checkpoint"
-            )
+            raise CheckpointError(f"{cfg_file}: no 'quantization_config' entry; this is not a QVGen checkpoint")
         qdict = model_config.pop("quantization_config")
         config = _parse_config(qdict, f"{cfg_file}: quantization_config")
         files = _folder_files(path)
@@ -323,12 +321,8 @@ def load_into(model: nn.Module, ckpt: Checkpoint, source: str = "checkpoint") ->
     for key, t in ckpt.state_dict.items():
         want = expected[key]
         if tuple(t.shape) != tuple(want.shape):
-            raise CheckpointError(
-                f"{source}: tensor '{key}': expected shape {tuple(want.shape)}, got {tuple(t.shape)}"
-            )
-    model.load_state_dict(
-        {k: v.to(expected[k].dtype) for k, v in ckpt.state_dict.items()}, strict=True, assign=True
-    )
+            raise CheckpointError(f"{source}: tensor '{key}': expected shape {tuple(want.shape)}, got {tuple(t.shape)}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ckpt.state_dict.items()}, strict=True, assign=True)
 
 
 def load_quantized_model(

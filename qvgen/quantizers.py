@@ -85,9 +85,7 @@ class WeightQuantizer(nn.Module):
         return quantize_weight_int(weight, self.scale.clamp(min=SCALE_MIN), self.zero, self.bits)
 
 
-def act_qparams(
-    x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, bits: int
-) -> tuple[Tensor, Tensor]:
+def act_qparams(x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, bits: int) -> tuple[Tensor, Tensor]:
     """Per-token scale and integer zero point from the clipped row min/max (fp32)."""
     qmax = 2**bits - 1
     xmin = x.amin(dim=-1, keepdim=True) * clip_lo
@@ -109,9 +107,7 @@ def fake_quant_act(x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, 
 class ActQuantizer(nn.Module):
     """Per-token dynamic quantizer; one learnable pair of clipping logits per timestep bucket."""
 
-    def __init__(
-        self, bits: int, n_buckets: int, fixed_clip: float = 0.95, logit_init: float = 2.944
-    ) -> None:
+    def __init__(self, bits: int, n_buckets: int, fixed_clip: float = 0.95, logit_init: float = 2.944) -> None:
         super().__init__()
         self.bits = bits
         self.fixed_clip = fixed_clip
@@ -137,9 +133,7 @@ def select_clip(factors: Tensor, bucket: Tensor | int, x: Tensor) -> tuple[Tenso
     """
     if isinstance(bucket, Tensor) and bucket.numel() > 1:
         if bucket.numel() != x.shape[0]:
-            raise ValueError(
-                f"timestep bucket has {bucket.numel()} entries but the input batch is {x.shape[0]}"
-            )
+            raise ValueError(f"timestep bucket has {bucket.numel()} entries but the input batch is {x.shape[0]}")
         f = factors[bucket.to(factors.device).long()]  # (B, 2)
         f = f.view(f.shape[0], *([1] * (x.dim() - 2)), 2)
     else:

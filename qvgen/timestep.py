@@ -30,9 +30,7 @@ class TimestepState:
         self.bucket = timestep_to_bucket(t, self.n_buckets, self.num_train_timesteps)
 
 
-def timestep_to_bucket(
-    t: Tensor | float | int | None, n_buckets: int, num_train_timesteps: int
-) -> Tensor | int:
+def timestep_to_bucket(t: Tensor | float | int | None, n_buckets: int, num_train_timesteps: int) -> Tensor | int:
     """Bucket index of timestep(s) `t` in [0, num_train_timesteps]; None → bucket 0."""
     if t is None or n_buckets == 1:
         return 0
