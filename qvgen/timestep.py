@@ -8,6 +8,7 @@ any scheduler and step count pick the clipping factors the layer was trained wit
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,10 +50,24 @@ def _extract_timestep(args: tuple, kwargs: dict[str, Any], arg_index: int) -> An
     return args[arg_index] if len(args) > arg_index else None
 
 
+def timestep_arg_index(model: nn.Module) -> int:
+    """Position of `timestep` in `model.forward` (2nd for Wan and ComfyUI, 3rd for CogVideoX)."""
+    try:
+        names = [p for p in inspect.signature(model.forward).parameters if p != "self"]
+    except (TypeError, ValueError):
+        return 1
+    for key in ("timestep", "timesteps"):
+        if key in names:
+            return names.index(key)
+    return 1
+
+
 def attach_timestep_hook(
-    model: nn.Module, state: TimestepState, arg_index: int = 1, extract: Callable[..., Any] | None = None
+    model: nn.Module, state: TimestepState, arg_index: int | None = None, extract: Callable[..., Any] | None = None
 ) -> None:
     """Install (once) the pre-hook that updates `state` from each forward call of `model`."""
+    if arg_index is None:
+        arg_index = timestep_arg_index(model)
     old = getattr(model, HOOK_ATTR, None)
     if old is not None:
         old.remove()

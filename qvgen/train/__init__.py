@@ -1,0 +1,1 @@
+"""QVGen train."""
