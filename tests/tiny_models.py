@@ -31,3 +31,62 @@ def wan_inputs(batch: int = 2, seed: int = 1):
     t = torch.linspace(100.0, 900.0, batch)
     e = torch.randn(batch, 5, 32, generator=g)
     return x, t, e
+
+
+def tiny_wan_pipeline():
+    """A complete WanPipeline with tiny random components and a locally built word-level tokenizer."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in "a red green blue circle square moving left right up down the".split():
+        vocab[w] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=32, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, relative_attention_num_buckets=8
+        )
+    )
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=tiny_wan(), scheduler=scheduler
+    )
+
+
+def write_clips(folder, n: int = 3, frames: int = 5, size: int = 32, layout: str = "txt") -> None:
+    """Small moving-square videos (GIF) with captions, in one of the supported caption layouts."""
+    import json
+
+    import imageio.v2 as imageio
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        video = np.zeros((frames, size, size, 3), dtype=np.uint8)
+        for f in range(frames):
+            x = 2 + 3 * f + i
+            video[f, 10:18, x : x + 8, i % 3] = 255
+        name = f"clip{i}.gif"
+        imageio.mimsave(folder / name, list(video), duration=0.1)
+        caption = f"a {['red', 'green', 'blue'][i % 3]} square moving right"
+        rows.append({"file": name, "text": caption})
+        if layout == "txt":
+            (folder / f"clip{i}.txt").write_text(caption)
+    if layout == "jsonl":
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif layout == "csv":
+        (folder / "metadata.csv").write_text("file,text\n" + "".join(f"{r['file']},{r['text']}\n" for r in rows))

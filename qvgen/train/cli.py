@@ -1,0 +1,178 @@
+"""`python -m qvgen.train`: QAT distillation of a diffusers video transformer into a QVGen checkpoint.
+
+    python -m qvgen.train --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --data ./clips --output ./wan-w4a4
+
+Runs three stages, each skipped when already done, so re-running the same command resumes:
+prepare (encode the clips once), train (checkpoints every N steps), export (packed checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import save_quantized
+from ..config import QVGenConfig
+from ..decay import RankDecaySchedule
+from .data import DataError
+from .prepare import CachedLatentDataset, detect_family, load_teacher, make_objective, prepare
+from .trainer import TrainOptions, train
+
+DEFAULT_TEXT_LEN = {"wan": 512, "cogvideox": 226}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m qvgen.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="teacher: diffusers pipeline id on the Hub or a local folder")
+    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
+    g.add_argument("--data", help="folder of videos with captions (metadata.jsonl/.csv or sidecar .txt)")
+    g.add_argument("--cache", type=Path, help="encoded-dataset folder (default: OUTPUT/cache)")
+    g.add_argument("--output", type=Path, default=Path("qvgen-output"), help="run folder: log, checkpoints, export")
+    g.add_argument("--num-frames", type=int, default=49, help="frames per clip (Wan: 4k+1, CogVideoX: 8k+1)")
+    g.add_argument("--height", type=int, default=480)
+    g.add_argument("--width", type=int, default=832, help="832 for Wan, 720 for CogVideoX in the paper")
+    g.add_argument("--frame-stride", type=int, default=1, help="take every n-th frame")
+    g.add_argument("--max-text-len", type=int, default=None, help="text tokens (default: 512 Wan, 226 CogVideoX)")
+    g.add_argument("--prepare-only", action="store_true", help="encode the dataset and stop")
+
+    q = p.add_argument_group("quantization")
+    q.add_argument("--weight-bits", type=int, default=4)
+    q.add_argument("--act-bits", type=int, default=4, help="0 for weight-only quantization")
+    q.add_argument("--rank", type=int, default=32, help="initial rank of the auxiliary module Φ (0: plain QAT)")
+    q.add_argument("--decay-factor", type=float, default=0.5, help="rank multiplier at each phase boundary")
+    q.add_argument("--phase-steps", type=int, default=None, help="steps per decay phase (default: Φ ends at rank 0)")
+    q.add_argument("--buckets", type=int, default=50, help="timestep buckets for activation clipping")
+    q.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave layers matching this fnmatch pattern in full precision (repeatable)",
+    )
+
+    o = p.add_argument_group("optimisation (paper defaults)")
+    o.add_argument("--steps", type=int, default=2667)
+    o.add_argument("--batch-size", type=int, default=1, help="clips per step per device")
+    o.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation micro-steps")
+    o.add_argument("--lr", type=float, default=3e-5, help="weights, Φ and quantizer scales")
+    o.add_argument("--clip-lr", type=float, default=1e-2, help="activation clipping logits")
+    o.add_argument("--weight-decay", type=float, default=1e-4)
+    o.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps")
+    o.add_argument("--grad-clip", type=float, default=1.0)
+    o.add_argument("--caption-dropout", type=float, default=0.05)
+    o.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default="auto")
+    o.add_argument(
+        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA"
+    )
+    o.add_argument("--seed", type=int, default=0)
+
+    r = p.add_argument_group("checkpoints and export")
+    r.add_argument("--checkpoint-every", type=int, default=200)
+    r.add_argument("--keep-checkpoints", type=int, default=2)
+    r.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --output")
+    r.add_argument(
+        "--export-dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default="bf16",
+        help="dtype of the tensors kept in full precision",
+    )
+    r.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the export (token from HF_TOKEN or the HF login)")
+    r.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    r.add_argument("--device", default=None, help="default: cuda when available")
+    r.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def quant_config(args: argparse.Namespace) -> QVGenConfig:
+    n_phases = len(RankDecaySchedule(args.rank, 1, args.decay_factor).phase_ranks) or 1
+    phase = args.phase_steps or max(1, math.floor(args.steps / n_phases))
+    return QVGenConfig(
+        weight_bits=args.weight_bits,
+        act_bits=args.act_bits or None,
+        rank=args.rank,
+        decay_factor=args.decay_factor,
+        phase_steps=phase,
+        n_buckets=args.buckets,
+        modules_to_not_convert=list(args.skip),
+    )
+
+
+def train_options(args: argparse.Namespace) -> TrainOptions:
+    return TrainOptions(
+        output_dir=args.output,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        clip_lr=args.clip_lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        grad_clip=args.grad_clip,
+        caption_dropout=args.caption_dropout,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        progress=not args.no_progress,
+        resume=not args.no_resume,
+    )
+
+
+def run(args: argparse.Namespace) -> Path:
+    qconfig = quant_config(args)  # validate settings before any heavy work
+    opts = train_options(args)
+    family = detect_family(args.model, args.revision)
+    cache = args.cache or args.output / "cache"
+    if args.data:
+        prepare(
+            args.model,
+            args.data,
+            cache,
+            num_frames=args.num_frames,
+            height=args.height,
+            width=args.width,
+            max_text_len=args.max_text_len or DEFAULT_TEXT_LEN[family],
+            frame_stride=args.frame_stride,
+            revision=args.revision,
+            device=args.device,
+            progress=not args.no_progress,
+        )
+    elif not Path(cache).is_dir():
+        raise DataError(f"{cache}: no encoded dataset; pass --data with a folder of captioned videos")
+    if args.prepare_only:
+        return Path(cache)
+    dataset = CachedLatentDataset(cache)
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    teacher = load_teacher(args.model, family, torch.bfloat16 if cuda else torch.float32, args.revision)
+    objective = make_objective(args.model, family, teacher, args.revision)
+    result = train(teacher, qconfig, dataset, opts, objective=objective, device=args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.export_dtype]
+    export = save_quantized(result.student, qconfig, args.output / "transformer", dtype=dtype)
+    logging.getLogger("qvgen.train").info("exported %s", export)
+    print(f"QVGen checkpoint written to {export}")
+    if args.push_to_hub:
+        from ..hub import push_training_output
+
+        push_training_output(args.output, args.push_to_hub, base_model=args.model, private=args.private)
+    return export
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run(args)
+    except (DataError, ValueError) as e:
+        print(f"error: {e}")
+        return 2
+    return 0
