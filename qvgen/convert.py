@@ -7,6 +7,7 @@ Works on any PyTorch model; the diffusers Wan and CogVideoX transformers are tes
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -148,6 +149,20 @@ def pack_model(model: nn.Module, config: QVGenConfig, dtype: torch.dtype = torch
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     return model
+
+
+@contextmanager
+def quantization_mode(model: nn.Module, *, weights: bool = True, acts: bool = True) -> Iterator[None]:
+    """Temporarily switch weight / activation fake quantization of a training-form model."""
+    layers = [m for m in model.modules() if isinstance(m, QVGenLinear)]
+    saved = [(m.quantize_weights, m.quantize_acts) for m in layers]
+    for m in layers:
+        m.quantize_weights, m.quantize_acts = weights, acts
+    try:
+        yield
+    finally:
+        for m, (w, a) in zip(layers, saved, strict=True):
+            m.quantize_weights, m.quantize_acts = w, a
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QVGenLinear | PackedLinear]:

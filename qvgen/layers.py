@@ -49,6 +49,9 @@ class QVGenLinear(nn.Module):
         else:
             self.register_buffer("phi_mask", None)
         self.timestep_state: TimestepState | None = None
+        # Switches to measure the weight and activation parts of the error separately.
+        self.quantize_weights = True
+        self.quantize_acts = True
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QVGenConfig, init: bool = True) -> QVGenLinear:
@@ -117,13 +120,13 @@ class QVGenLinear(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
     def quantize_input(self, x: Tensor) -> Tensor:
-        if self.act_quantizer is None:
+        if self.act_quantizer is None or not self.quantize_acts:
             return x
         return self.act_quantizer(x, _bucket(self.timestep_state))
 
     def forward(self, x: Tensor) -> Tensor:
         x_hat = self.quantize_input(x)
-        w_hat = self.weight_quantizer(self.weight)
+        w_hat = self.weight_quantizer(self.weight) if self.quantize_weights else self.weight
         bias = None if self.bias is None else self.bias.to(x_hat.dtype)
         y = F.linear(x_hat, w_hat.to(x_hat.dtype), bias)
         if self.phi_down is not None:

@@ -81,3 +81,22 @@ def test_converted_model_close_to_fp_and_trains(wan_model):
     layer = wan_model.blocks[0].attn1.to_q
     for p in (layer.weight, layer.weight_quantizer.scale, layer.phi_up, layer.act_quantizer.clip_logits):
         assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_quantization_mode_switches_error_sources(wan_model):
+    from qvgen.convert import quantization_mode
+
+    x, t, e = wan_inputs()
+    with torch.no_grad():
+        ref = wan_model(x, t, e, return_dict=False)[0]
+        convert_model(wan_model, QVGenConfig(rank=0), progress=False)
+        with quantization_mode(wan_model, weights=False, acts=False):
+            none = wan_model(x, t, e, return_dict=False)[0]
+        with quantization_mode(wan_model, weights=True, acts=False):
+            w_only = wan_model(x, t, e, return_dict=False)[0]
+        with quantization_mode(wan_model, weights=False, acts=True):
+            a_only = wan_model(x, t, e, return_dict=False)[0]
+        both = wan_model(x, t, e, return_dict=False)[0]
+    torch.testing.assert_close(none, ref)
+    for y in (w_only, a_only):
+        assert 0 < (y - ref).pow(2).mean() < (both - ref).pow(2).mean() * 1.5
