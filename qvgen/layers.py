@@ -23,6 +23,26 @@ def _bucket(state: TimestepState | None) -> Tensor | int:
     return 0 if state is None else state.bucket
 
 
+def top_svd(mat: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-`rank` singular triplets; randomized (`svd_lowrank`) for large matrices, where a full SVD
+    of every layer of a 14B model would take minutes."""
+    mat = mat.float()
+    if min(mat.shape) <= 4 * rank + 16:
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
+    u, s, v = torch.svd_lowrank(mat, q=rank + 16, niter=6)
+    return u[:, :rank], s[:rank], v[:, :rank].T
+
+
+def factored_svd(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact top-`rank` SVD of the product `a @ b` (a: out×r, b: r×in) without forming it: two QRs
+    and an r×r SVD."""
+    qa, ra = torch.linalg.qr(a)
+    qb, rb = torch.linalg.qr(b.T)
+    u, s, vh = torch.linalg.svd(ra @ rb.T)
+    return qa @ u[:, :rank], s[:rank], vh[:rank] @ qb.T
+
+
 class QVGenLinear(nn.Module):
     """Training form: W{b}A{b} fake quantization with a masked low-rank branch Φ."""
 
@@ -82,22 +102,21 @@ class QVGenLinear(nn.Module):
         """Φ from the SVD of the quantization error: L = U√S, R = √S Vᵀ (top-r components)."""
         if self.phi_down is None:
             return
-        self._set_phi_from(self.quant_error(), self.phi_down.shape[0])
+        self._set_phi(*top_svd(self.quant_error(), self.phi_down.shape[0]))
 
     @torch.no_grad()
     def halve_phi(self, new_rank: int) -> None:
-        """Phase boundary: re-SVD of the current masked product, keep the top `new_rank`."""
+        """Phase boundary: re-SVD of the current masked product `L diag(m) R`, keep the top `new_rank`."""
         if self.phi_down is None:
             return
         if new_rank <= 0:
             self.remove_phi()
             return
-        self._set_phi_from(self.phi_product(), new_rank)
+        self._set_phi(*factored_svd(self.phi_up.float() * self.phi_mask, self.phi_down.float(), new_rank))
 
-    def _set_phi_from(self, mat: Tensor, rank: int) -> None:
-        u, s, vh = torch.linalg.svd(mat.float(), full_matrices=False)
-        rank = min(rank, s.numel(), self.phi_down.shape[0])
-        root = s[:rank].sqrt()
+    def _set_phi(self, u: Tensor, s: Tensor, vh: Tensor) -> None:
+        rank = min(s.numel(), self.phi_down.shape[0])
+        root = s[:rank].clamp(min=0).sqrt()
         self.phi_up.zero_()
         self.phi_down.zero_()
         self.phi_up[:, :rank] = (u[:, :rank] * root).to(self.phi_up.dtype)

@@ -90,3 +90,16 @@ def test_svd_init_lowers_error():
         layer.phi_mask.zero_()
         y_noq = layer(x)
     assert (y_q - y_fp).pow(2).mean() < (y_noq - y_fp).pow(2).mean()
+
+
+def test_randomized_svd_matches_full_svd_on_large_layers():
+    """Large layers use `svd_lowrank`; its top components match the exact SVD (decaying spectrum)."""
+    from qvgen.layers import top_svd
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(400, 160, generator=g) @ torch.diag(torch.logspace(0, -3, 160)) @ torch.randn(160, 600, generator=g)
+    u, s, vh = top_svd(m, 32)
+    uf, sf, vhf = torch.linalg.svd(m, full_matrices=False)
+    torch.testing.assert_close(s, sf[:32], rtol=1e-4, atol=1e-4 * float(sf[0]))
+    best = (uf[:, :32] * sf[:32]) @ vhf[:32]
+    assert ((u * s) @ vh - best).norm() / m.norm() < 1e-3
