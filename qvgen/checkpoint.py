@@ -303,6 +303,29 @@ def _validate_layer(state: dict[str, Tensor], name: str, config: QVGenConfig, so
             f"rank ≤ current_rank={config.current_rank}",
             down.shape[0],
         )
+    from .transforms import uses_rotation, uses_smoothing
+
+    k = q.shape[1] * 2 if config.weight_bits <= 4 else q.shape[1]
+    for needed, key in (
+        (uses_rotation(config.input_transform), "input_signs"),
+        (uses_smoothing(config.input_transform), "smooth"),
+    ):
+        if needed:
+            t = state.get(f"{name}.{key}")
+            _expect(
+                t is not None,
+                source,
+                f"{name}.{key}",
+                f"a tensor (input_transform={config.input_transform})",
+                "nothing (missing)",
+            )
+            _expect(
+                t.dim() == 1 and t.shape[0] in (k, k - 1),
+                source,
+                f"{name}.{key}",
+                f"shape ({k},) or ({k - 1},)",
+                tuple(t.shape),
+            )
     bias = state.get(f"{name}.bias")
     if bias is not None:
         _expect(bias.shape == (n,), source, f"{name}.bias", f"shape ({n},)", tuple(bias.shape))

@@ -41,6 +41,11 @@ class QVGenConfig:
     modules_to_convert: list[str] = field(default_factory=lambda: ["*"])
     modules_to_not_convert: list[str] = field(default_factory=list)
     current_rank: int | None = None
+    input_transform: str = "none"  # none | hadamard | smooth | smooth_hadamard (qvgen/transforms.py)
+    hadamard_block: int = 256
+    transform_seed: int = 0
+    smooth_alpha: float = 0.5
+    train_transform: bool = False
     format_version: int = FORMAT_VERSION
     quant_method: str = QUANT_METHOD
 
@@ -71,6 +76,14 @@ class QVGenConfig:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ConfigError(f"{name}: expected a value in (0, 1], got {v!r}")
+        from .transforms import TRANSFORMS
+
+        if self.input_transform not in TRANSFORMS:
+            raise ConfigError(f"input_transform: expected one of {list(TRANSFORMS)}, got {self.input_transform!r}")
+        if self.hadamard_block < 1 or self.hadamard_block & (self.hadamard_block - 1):
+            raise ConfigError(f"hadamard_block: expected a power of two, got {self.hadamard_block!r}")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"smooth_alpha: expected a value in [0, 1], got {self.smooth_alpha!r}")
         for name in ("modules_to_convert", "modules_to_not_convert"):
             v = getattr(self, name)
             if not isinstance(v, list) or not all(isinstance(p, str) for p in v):

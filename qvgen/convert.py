@@ -6,17 +6,19 @@ Works on any PyTorch model; the diffusers Wan and CogVideoX transformers are tes
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import QVGenConfig
 from .layers import PackedLinear, QVGenLinear
 from .timestep import TimestepState, attach_timestep_hook
+from .transforms import rotate, uses_smoothing
 
 STATE_ATTR = "_qvgen_timestep_state"
 
@@ -62,12 +64,18 @@ def timestep_state(model: nn.Module, config: QVGenConfig) -> TimestepState:
 
 
 def convert_model(
-    model: nn.Module, config: QVGenConfig, *, init: bool = True, progress: bool = True
+    model: nn.Module,
+    config: QVGenConfig,
+    *,
+    init: bool = True,
+    progress: bool = True,
+    calibrate: Callable[[nn.Module], None] | None = None,
 ) -> ConversionReport:
     """Replace matching linear layers with `QVGenLinear` (in place) and report what changed.
 
     `init=True` runs the weight clip search and Φ's SVD init; pass False when a checkpoint's
-    state will be loaded right after.
+    state will be loaded right after. With smoothing, `calibrate(model)` runs a few forward
+    passes whose inputs set the smoothing scales (without it the scales start at 1).
     """
     report = ConversionReport(total_params=sum(p.numel() for p in model.parameters()))
     state = timestep_state(model, config)
@@ -78,12 +86,45 @@ def convert_model(
         else:
             report.skipped.append(name)
     for name, parent, child, linear in tqdm(todo, desc="QVGen: quantizing layers", disable=not progress):
-        layer = QVGenLinear.from_linear(linear, config, init=init)
+        layer = QVGenLinear.from_linear(linear, config, init=False, name=name)
         layer.timestep_state = state
         setattr(parent, child, layer)
         report.converted.append(name)
         report.quantized_params += linear.weight.numel()
+    if init:
+        if uses_smoothing(config.input_transform):
+            if calibrate is None:
+                warnings.warn("smoothing without calibration data: scales start at 1", stacklevel=2)
+            else:
+                calibrate_smoothing(model, calibrate, config.smooth_alpha)
+        layers = [m for m in model.modules() if isinstance(m, QVGenLinear)]
+        for layer in tqdm(layers, desc="QVGen: initialising quantizers", disable=not progress):
+            layer.init_quantization()
     return report
+
+
+@torch.no_grad()
+def calibrate_smoothing(model: nn.Module, run: Callable[[nn.Module], None], alpha: float) -> None:
+    """Per-channel max |input| of every layer (in its rotated space) over `run(model)`, then SmoothQuant scales."""
+    stats: dict[QVGenLinear, Tensor] = {}
+    layers = [m for m in model.modules() if isinstance(m, QVGenLinear)]
+
+    def hook(layer: QVGenLinear, args: tuple) -> None:
+        x = args[0].detach().float()
+        if layer.input_signs is not None:
+            x = rotate(x, layer.input_signs, layer.rot_block)
+        amax = x.abs().reshape(-1, x.shape[-1]).amax(dim=0)
+        stats[layer] = torch.maximum(stats[layer], amax) if layer in stats else amax
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        with quantization_mode(model, weights=False, acts=False):
+            run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer, amax in stats.items():
+        layer.set_smoothing(amax, alpha)
 
 
 def build_packed_model(
@@ -116,6 +157,8 @@ def build_packed_model(
             rank=r,
             dtype=dtype,
             device=device if device is not None else linear.weight.device,
+            input_transform=config.input_transform,
+            hadamard_block_max=config.hadamard_block,
         )
         layer.timestep_state = state
         setattr(parent, child, layer)
@@ -143,6 +186,8 @@ def pack_model(model: nn.Module, config: QVGenConfig, dtype: torch.dtype = torch
             rank=r,
             dtype=dtype,
             device=module.weight.device,
+            input_transform=config.input_transform,
+            hadamard_block_max=config.hadamard_block,
         )
         layer.load_state_dict({k: v.to(getattr(layer, k).dtype) for k, v in tensors.items()})
         layer.timestep_state = state

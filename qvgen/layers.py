@@ -17,6 +17,7 @@ from .config import QVGenConfig
 from .kernels_import import qvgen_kernels
 from .quantizers import SCALE_MIN, ActQuantizer, WeightQuantizer, select_clip
 from .timestep import TimestepState
+from .transforms import hadamard_block, random_signs, rotate, smoothing_scales, unrotate, uses_rotation, uses_smoothing
 
 
 def _bucket(state: TimestepState | None) -> Tensor | int:
@@ -47,10 +48,17 @@ class QVGenLinear(nn.Module):
     """Training form: W{b}A{b} fake quantization with a masked low-rank branch Φ."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, config: QVGenConfig, rank: int | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        config: QVGenConfig,
+        rank: int | None = None,
+        name: str = "",
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        # The weight lives in the transformed input space (rotation folded in at conversion).
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.weight_quantizer = WeightQuantizer(out_features, in_features, config.weight_bits)
@@ -68,24 +76,67 @@ class QVGenLinear(nn.Module):
             self.register_buffer("phi_mask", torch.ones(r))
         else:
             self.register_buffer("phi_mask", None)
+        self._init_transform(config, name)
         self.timestep_state: TimestepState | None = None
         # Switches to measure the weight and activation parts of the error separately.
         self.quantize_weights = True
         self.quantize_acts = True
 
+    def _init_transform(self, config: QVGenConfig, name: str) -> None:
+        self.transform = config.input_transform
+        self.rot_block = hadamard_block(self.in_features, config.hadamard_block)
+        signs = random_signs(self.in_features, name, config.transform_seed) if uses_rotation(self.transform) else None
+        self.register_buffer("input_signs", signs)
+        log_s = torch.zeros(self.in_features) if uses_smoothing(self.transform) else None
+        if log_s is not None and config.train_transform:
+            self.smooth_log = nn.Parameter(log_s)
+        else:
+            self.register_buffer("smooth_log", log_s)
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: QVGenConfig, init: bool = True) -> QVGenLinear:
+    def from_linear(cls, linear: nn.Linear, config: QVGenConfig, init: bool = True, name: str = "") -> QVGenLinear:
         """Wrap an existing `nn.Linear` (weights copied); `init` runs the clip search and Φ's SVD."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config, name=name)
         layer.to(device=linear.weight.device)
         with torch.no_grad():
-            layer.weight.copy_(linear.weight.float())
+            w = linear.weight.float()
+            if layer.input_signs is not None:
+                w = rotate(w, layer.input_signs, layer.rot_block)
+            layer.weight.copy_(w)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.float())
         if init:
-            layer.weight_quantizer.init_from(layer.weight)
-            layer.init_phi()
+            layer.init_quantization()
         return layer
+
+    @torch.no_grad()
+    def init_quantization(self) -> None:
+        """Clip search of the weight quantizer, then Φ from the remaining error."""
+        self.weight_quantizer.init_from(self.effective_weight())
+        self.init_phi()
+
+    # ---- input transform ---------------------------------------------------------------------
+    def smooth_scale(self) -> Tensor | None:
+        return None if self.smooth_log is None else self.smooth_log.exp()
+
+    def transform_input(self, x: Tensor) -> Tensor:
+        """`x Q / s`: the rotation and smoothing the folded weight expects (identity when none)."""
+        if self.input_signs is not None:
+            x = rotate(x, self.input_signs, self.rot_block)
+        s = self.smooth_scale()
+        return x if s is None else x / s.to(x.dtype)
+
+    def effective_weight(self) -> Tensor:
+        """`W Q · s`, the full-precision weight that gets quantized."""
+        s = self.smooth_scale()
+        return self.weight if s is None else self.weight * s
+
+    @torch.no_grad()
+    def set_smoothing(self, act_absmax: Tensor, alpha: float) -> None:
+        """SmoothQuant scales from the per-channel max |input| (in the rotated space)."""
+        if self.smooth_log is None:
+            return
+        self.smooth_log.copy_(smoothing_scales(act_absmax, self.weight, alpha).log())
 
     # ---- Φ -----------------------------------------------------------------------------------
     @property
@@ -95,7 +146,8 @@ class QVGenLinear(nn.Module):
 
     @torch.no_grad()
     def quant_error(self) -> Tensor:
-        return self.weight.float() - self.weight_quantizer(self.weight.float())
+        w = self.effective_weight().float()
+        return w - self.weight_quantizer(w)
 
     @torch.no_grad()
     def init_phi(self) -> None:
@@ -139,13 +191,15 @@ class QVGenLinear(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
     def quantize_input(self, x: Tensor) -> Tensor:
+        x = self.transform_input(x)
         if self.act_quantizer is None or not self.quantize_acts:
             return x
         return self.act_quantizer(x, _bucket(self.timestep_state))
 
     def forward(self, x: Tensor) -> Tensor:
         x_hat = self.quantize_input(x)
-        w_hat = self.weight_quantizer(self.weight) if self.quantize_weights else self.weight
+        w = self.effective_weight()
+        w_hat = self.weight_quantizer(w) if self.quantize_weights else w
         bias = None if self.bias is None else self.bias.to(x_hat.dtype)
         y = F.linear(x_hat, w_hat.to(x_hat.dtype), bias)
         if self.phi_down is not None:
@@ -158,7 +212,7 @@ class QVGenLinear(nn.Module):
     def export_tensors(self) -> dict[str, Tensor]:
         """The packed-format tensors of this layer (see docs/format.md)."""
         wq = self.weight_quantizer
-        q = wq.int_codes(self.weight)
+        q = wq.int_codes(self.effective_weight())
         out: dict[str, Tensor] = {
             "qweight": qvgen_kernels.pack_weight(q, wq.bits),
             "weight_scale": wq.scale.detach().float().clamp(min=SCALE_MIN).reshape(-1).clone(),
@@ -169,6 +223,10 @@ class QVGenLinear(nn.Module):
             out["act_clip"] = self.act_quantizer.clip_factors().detach().float().clone()
         if self.bias is not None:
             out["bias"] = self.bias.detach().float().clone()
+        if self.input_signs is not None:
+            out["input_signs"] = self.input_signs.detach().to(torch.int8).clone()
+        if self.smooth_log is not None:
+            out["smooth"] = self.smooth_log.detach().exp().float().clone()
         r = self.rank
         if r > 0:
             out["phi_down"] = self.phi_down[:r].detach().float().clone()
@@ -194,10 +252,14 @@ class PackedLinear(nn.Module):
         rank: int = 0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        input_transform: str = "none",
+        hadamard_block_max: int = 256,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_bits, self.act_bits = weight_bits, act_bits
+        self.transform = input_transform
+        self.rot_block = hadamard_block(in_features, hadamard_block_max)
         packed_k = math.ceil(in_features / 2) if weight_bits <= 4 else in_features
         # Frozen parameters rather than buffers: diffusers and ComfyUI look at parameters for
         # device placement, offload and a module's dtype. `weight_scale` comes first so that
@@ -211,6 +273,9 @@ class PackedLinear(nn.Module):
         self._frozen("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
         self._frozen("phi_down", torch.zeros(rank, in_features, dtype=dtype, **kw) if rank else None)
         self._frozen("phi_up", torch.zeros(out_features, rank, dtype=dtype, **kw) if rank else None)
+        rot, smooth = uses_rotation(input_transform), uses_smoothing(input_transform)
+        self._frozen("input_signs", torch.ones(in_features, dtype=torch.int8, **kw) if rot else None)
+        self._frozen("smooth", torch.ones(in_features, dtype=torch.float32, **kw) if smooth else None)
         self.timestep_state: TimestepState | None = None
         self.backend = "auto"
 
@@ -221,7 +286,16 @@ class PackedLinear(nn.Module):
     def rank(self) -> int:
         return 0 if self.phi_down is None else self.phi_down.shape[0]
 
+    def transform_input(self, x: Tensor) -> Tensor:
+        """Rotation and smoothing of the input, as in training (the weight has them folded in)."""
+        if self.input_signs is not None:
+            x = rotate(x, self.input_signs, self.rot_block)
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
+        return x
+
     def forward(self, x: Tensor) -> Tensor:
+        x = self.transform_input(x)
         lo: Tensor | float = 1.0
         hi: Tensor | float = 1.0
         if self.act_bits is not None:
@@ -253,6 +327,10 @@ class PackedLinear(nn.Module):
         w = self.weight_scale[:, None] * (q - self.weight_zero[:, None])
         if self.phi_down is not None:
             w = w + self.phi_up.float() @ self.phi_down.float()
+        if self.smooth is not None:  # back to the original input space
+            w = w / self.smooth.float()
+        if self.input_signs is not None:
+            w = unrotate(w, self.input_signs.float(), self.rot_block)
         return w.to(dtype)
 
     def extra_repr(self) -> str:
