@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metrics["methods"][name] = m
 
     # export → reload the QVGen checkpoint and use the packed (integer) model from here on
-    ckpt = save_quantized(students["QVGen"], configs["QVGen"], out / "qvgen-demo-w4a4.safetensors")
+    # fp32 for the few tensors kept in full precision: the reload must reproduce the fake-quant model
+    ckpt = save_quantized(students["QVGen"], configs["QVGen"], out / "qvgen-demo-w4a4.safetensors", dtype=torch.float32)
     packed = load_quantized_model(ckpt)
     packed_pred = predictions(packed, ev)
     fake_pred = predictions(students["QVGen"], ev)
