@@ -11,6 +11,7 @@ reloads the QVGen checkpoint; samples the same prompts and seeds from all four; 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -21,13 +22,12 @@ from safetensors.torch import save_file
 
 from ..checkpoint import load_quantized_model, save_quantized
 from ..config import QVGenConfig
+from ..convert import convert_model
 from ..decay import RankDecaySchedule
-from ..train import LatentDataset, TrainOptions, build_student, train
+from ..train import LatentDataset, TrainOptions, train
 from . import shapes, teacher, text
 from .evaluate import EvalSet, mse, predictions, velocity_errors
 from .report import plot_losses, write_comparison_gif
-
-METHODS = ("PTQ", "QAT", "QVGen")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--weight-bits", type=int, default=4)
     p.add_argument("--act-bits", type=int, default=4)
+    p.add_argument(
+        "--transforms",
+        type=lambda v: v.split(","),
+        default=["none"],
+        help="input transforms to compare, comma-separated: none,hadamard,smooth,smooth_hadamard",
+    )
+    p.add_argument(
+        "--train-transform",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train the smoothing scales during QAT",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
@@ -60,13 +72,40 @@ def _data(n: int, seed: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
 
 
 def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
-    base = dict(weight_bits=args.weight_bits, act_bits=args.act_bits or None, n_buckets=10)
+    """One config per (method, transform); names are "PTQ", "QAT", "QVGen", then "QVGen+hadamard", …"""
     phases = len(RankDecaySchedule(args.rank, 1).phase_ranks) or 1
-    return {
-        "PTQ": QVGenConfig(rank=0, **base),
-        "QAT": QVGenConfig(rank=0, **base),
-        "QVGen": QVGenConfig(rank=args.rank, phase_steps=max(1, args.steps // phases), **base),
-    }
+    out = {}
+    for transform in args.transforms:
+        base = dict(
+            weight_bits=args.weight_bits,
+            act_bits=args.act_bits or None,
+            n_buckets=10,
+            input_transform=transform,
+            train_transform=transform != "none" and args.train_transform,
+        )
+        suffix = "" if transform == "none" else f"+{transform}"
+        out[f"PTQ{suffix}"] = QVGenConfig(rank=0, **base)
+        out[f"QAT{suffix}"] = QVGenConfig(rank=0, **base)
+        out[f"QVGen{suffix}"] = QVGenConfig(rank=args.rank, phase_steps=max(1, args.steps // phases), **base)
+    return out
+
+
+def _student(fp, cfg: QVGenConfig, dataset: LatentDataset, args: argparse.Namespace):
+    """A converted copy of the teacher; smoothing scales calibrated on a few training clips."""
+    model = copy.deepcopy(fp).float()
+    batch = torch.stack(dataset.latents[:8]), torch.stack(dataset.texts[:8])
+
+    def calibrate(m):
+        for sigma in (0.2, 0.5, 0.8):
+            noise = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(7))
+            m(
+                hidden_states=(1 - sigma) * batch[0] + sigma * noise,
+                timestep=torch.full((8,), sigma * 1000),
+                encoder_hidden_states=batch[1],
+            )
+
+    convert_model(model, cfg, progress=False, calibrate=calibrate)
+    return model
 
 
 def _file_mb(path: Path) -> float:
@@ -91,9 +130,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     students, histories, timings = {}, {}, {}
     for name, cfg in configs.items():
         t0 = time.perf_counter()
-        if name == "PTQ":
-            students[name], _ = build_student(fp, cfg, progress=False)
-            students[name].eval()
+        student = _student(fp, cfg, dataset, args)
+        if name.startswith("PTQ"):
+            students[name] = student.eval()
         else:
             opts = TrainOptions(
                 output_dir=out / "runs" / name,
@@ -105,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 resume=False,
                 checkpoint_every=args.steps,
             )
-            result = train(fp, cfg, dataset, opts, device="cpu")
+            result = train(fp, cfg, dataset, opts, student=student, device="cpu")
             students[name], histories[name] = result.student, result.history
         timings[name] = round(time.perf_counter() - t0, 1)
 
@@ -142,8 +181,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write_comparison_gif(out / "comparison.gif", columns)
     plot_losses(out / "loss_curves.png", histories)
     ptq = metrics["methods"]["PTQ"]["velocity_mse"]
-    for name in METHODS:
-        metrics["methods"][name]["velocity_mse_vs_ptq"] = round(metrics["methods"][name]["velocity_mse"] / ptq, 4)
+    qvgen = metrics["methods"]["QVGen"]["velocity_mse"]
+    for m in metrics["methods"].values():
+        m["velocity_mse_vs_ptq"] = round(m["velocity_mse"] / ptq, 4)
+        m["velocity_mse_vs_qvgen"] = round(m["velocity_mse"] / qvgen, 4)
     metrics["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
