@@ -8,6 +8,7 @@ Where things live:
   (ComfyUI); the kernels live in `kernels/` (package `qvgen_kernels`).
 """
 
+from . import diffusers_backend  # noqa: F401  (registers quant_method "qvgen" with diffusers, lazily)
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_quantized_model, save_quantized
 from .config import ConfigError, QVGenConfig
 from .convert import ConversionReport, build_packed_model, convert_model, pack_model

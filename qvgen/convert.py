@@ -217,3 +217,9 @@ def quantized_layers(model: nn.Module) -> dict[str, QVGenLinear | PackedLinear]:
 def current_rank(model: nn.Module) -> int:
     """Largest live Φ rank over the model's quantized layers (0 when Φ is gone)."""
     return max((m.rank for m in quantized_layers(model).values()), default=0)
+
+
+if __name__ == "__main__":
+    from .convert_official import main
+
+    raise SystemExit(main())

@@ -92,7 +92,7 @@ def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
 
 def _student(fp, cfg: QVGenConfig, dataset: LatentDataset, args: argparse.Namespace):
     """A converted copy of the teacher; smoothing scales calibrated on a few training clips."""
-    model = copy.deepcopy(fp).float()
+    model = copy.deepcopy(fp).float().requires_grad_(True)
     batch = torch.stack(dataset.latents[:8]), torch.stack(dataset.texts[:8])
 
     def calibrate(m):
