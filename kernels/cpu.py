@@ -1,0 +1,166 @@
+"""The fast pure-PyTorch path ("cpu" backend): per-token quantization in a few fused-ish passes,
+one exact int8 × int8 → int32 GEMM (`torch._int_mm`) and a rank-1 zero-point epilogue.
+
+Why `_int_mm`: on CPU it beats both fp32 and bf16 matmul by a wide margin (see
+docs/benchmarks.md). Subtracting the zero points before the GEMM keeps both operands in int8
+and leaves only one correction term for the real weight zero point:
+
+    a = q_x - c_x,  b = q_w - c_w         (c_x = z_x for ≤ 7 bits, 128 for 8 bits; c_w = 0 or 128)
+    Σ(q_x - z_x)(q_w - z_w) = [A + d_x Σb] + (c_w - z_w) Σ(q_x - z_x),   A = a @ bᵀ,  d_x = c_x - z_x
+
+Everything in brackets is an exact integer; only the last term carries the real `z_w`.
+The same code runs on any device where the ops exist (it falls back to a float GEMM that is
+exact for these magnitudes when `_int_mm` is refused).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .common import SCALE_MIN, ClipArg, check_act_bits, check_linear_args, row_factors
+from .packing import unpack_weight
+
+
+def _quant_rows(x2d: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Scale (M,1), zero (M,1) and `round(x / s)` (M,K), all float32, with the training's fp32 ops."""
+    qmax = 2**bits - 1
+    xf = x2d if x2d.dtype == torch.float32 else x2d.float()
+    xmin = xf.amin(dim=-1, keepdim=True).mul_(lo[:, None])
+    xmax = xf.amax(dim=-1, keepdim=True).mul_(hi[:, None])
+    s = (xmax - xmin).div_(qmax).clamp_(min=SCALE_MIN)
+    z = torch.div(-xmin, s).round_().clamp_(0, qmax)
+    r = torch.div(xf, s).round_()
+    return s, z, r
+
+
+def quantize_activation(
+    x: Tensor, clip_lo: ClipArg, clip_hi: ClipArg, bits: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Same contract as `reference.quantize_activation`, in fewer passes."""
+    qmax = check_act_bits(bits)
+    lead, k = x.shape[:-1], x.shape[-1]
+    if k == 0:
+        raise ValueError("cannot quantize rows of length 0")
+    lo = row_factors(clip_lo, lead, x.device)
+    hi = row_factors(clip_hi, lead, x.device)
+    s, z, r = _quant_rows(x.reshape(-1, k), lo, hi, bits)
+    q = r.add_(z).clamp_(0, qmax)
+    # fp32 sums of integers are exact while every partial sum stays below 2^24
+    qsum = q.sum(dim=-1, keepdim=True) if k * qmax < 2**24 else q.double().sum(dim=-1, keepdim=True)
+    stat = (*lead, 1)
+    return (
+        q.to(torch.uint8).reshape(x.shape),
+        s.reshape(stat),
+        z.reshape(stat),
+        qsum.to(torch.int32).reshape(stat),
+    )
+
+
+_INT_MM_OK: dict[str, bool] = {}
+
+
+def _exact_rowsum(v: Tensor, vmax: int) -> Tensor:
+    """Row sums of integer-valued float32 (M, 1); exact (fp32 while K·vmax < 2^24, else fp64)."""
+    if v.shape[1] * vmax < 2**24:
+        return v.sum(dim=-1, keepdim=True)
+    return v.double().sum(dim=-1, keepdim=True).float()
+
+
+def int_matmul(a: Tensor, b_nk: Tensor) -> Tensor:
+    """Exact `a @ b_nkᵀ` for int8 operands, int32 result."""
+    key = a.device.type
+    if _INT_MM_OK.get(key, True):
+        try:
+            return torch._int_mm(a, b_nk.t())
+        except (RuntimeError, AttributeError):
+            _INT_MM_OK[key] = False
+    k = a.shape[1]
+    dtype = torch.float32 if k * 128 * 128 < 2**24 else torch.float64
+    return (a.to(dtype) @ b_nk.to(dtype).t()).round_().to(torch.int32)
+
+
+def weight_int8(qweight: Tensor, w_bits: int, in_features: int) -> tuple[Tensor, int]:
+    """Weight codes shifted into int8: `q_w - c_w` (N, K) and `c_w`."""
+    q = unpack_weight(qweight, w_bits, in_features)
+    if w_bits == 8:
+        return (q ^ 0x80).view(torch.int8), 128  # q - 128 without a widening pass
+    return q.view(torch.int8), 0
+
+
+def quantized_linear(
+    x: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    w_zero: Tensor,
+    w_qsum: Tensor,
+    bias: Tensor | None = None,
+    *,
+    in_features: int,
+    w_bits: int,
+    a_bits: int | None,
+    clip_lo: ClipArg = 1.0,
+    clip_hi: ClipArg = 1.0,
+    phi_down: Tensor | None = None,
+    phi_up: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    check_linear_args(x, qweight, w_scale, w_zero, w_qsum, bias, in_features, w_bits, a_bits, phi_down, phi_up)
+    out_dtype = out_dtype or x.dtype
+    lead, k, n = x.shape[:-1], in_features, qweight.shape[0]
+    x2d = x.reshape(-1, k)
+    s_w = w_scale.reshape(1, n).float()
+    z_w = w_zero.reshape(1, n).float()
+    if a_bits is None:
+        return _weight_only(x2d, qweight, s_w, z_w, bias, w_bits, phi_down, phi_up).to(out_dtype).reshape(*lead, n)
+
+    qmax = 2**a_bits - 1
+    lo = row_factors(clip_lo, lead, x.device)
+    hi = row_factors(clip_hi, lead, x.device)
+    s_x, z_x, r = _quant_rows(x2d, lo, hi, a_bits)
+    b, c_w = weight_int8(qweight, w_bits, k)
+    if a_bits <= 7:
+        a_f = r.clamp_(min=-z_x, max=qmax - z_x)  # = clamp(r + z, 0, qmax) - z, exactly
+        a = a_f.to(torch.int8)
+        acc = int_matmul(a, b)
+        rsum = _exact_rowsum(a_f, qmax)  # Σ(q_x - z_x)
+    else:
+        q = r.add_(z_x).clamp_(0, qmax)
+        a = q.sub(128).to(torch.int8)
+        acc = int_matmul(a, b)
+        d_x = (128 - z_x).to(torch.int32)  # (M, 1)
+        s_b = (w_qsum.reshape(1, n).to(torch.int32) - k * c_w).to(torch.int32)
+        acc.add_(d_x * s_b)
+        a_f = q.sub_(z_x)
+        rsum = _exact_rowsum(a_f, qmax)
+    y = acc.to(torch.float32)
+    y.addmm_(rsum, c_w - z_w)  # + (c_w - z_w) Σ(q_x - z_x), the real-zero-point term
+    y.mul_(s_x).mul_(s_w)
+    if bias is not None:
+        y.add_(bias.reshape(1, n).float())
+    if phi_down is not None:
+        down = (a_f @ phi_down.float().t()).mul_(s_x)  # x̂ Rᵀ with x̂ = s_x (q_x - z_x)
+        y.addmm_(down, phi_up.float().t())
+    return y.to(out_dtype).reshape(*lead, n)
+
+
+def _weight_only(
+    x2d: Tensor,
+    qweight: Tensor,
+    s_w: Tensor,
+    z_w: Tensor,
+    bias: Tensor | None,
+    w_bits: int,
+    phi_down: Tensor | None,
+    phi_up: Tensor | None,
+) -> Tensor:
+    """a_bits=None: `x Ŵᵀ + b (+ (x Rᵀ) Lᵀ)` with Ŵ dequantized in float32."""
+    q = unpack_weight(qweight, w_bits, x2d.shape[1]).float()
+    w_hat = (q - z_w.t()).mul_(s_w.t())
+    xf = x2d.float()
+    y = xf @ w_hat.t()
+    if bias is not None:
+        y.add_(bias.reshape(1, -1).float())
+    if phi_down is not None:
+        y.addmm_(xf @ phi_down.float().t(), phi_up.float().t())
+    return y

@@ -1,0 +1,89 @@
+"""The PyTorch reference ("torch" backend): plain, exact arithmetic that the fast paths are tested against.
+
+Quantization parameters use exactly the float32 operations of the training quantizer
+(`qvgen.quantizers.act_qparams` / `fake_quant_act`), so the integer codes agree bit for bit.
+The layer itself is evaluated as `x̂ Ŵᵀ + b` in float64 with `x̂ = s_x (q_x - z_x)` and
+`Ŵ = s_w (q_w - z_w)` — no zero-point algebra, nothing clever — then cast to the output dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .common import SCALE_MIN, ClipArg, check_act_bits, check_linear_args, row_factors
+from .packing import unpack_weight
+
+
+def act_qparams(x2d: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Per-row scale and integer zero point (float32, shape (M, 1)); `lo`, `hi` are (M,) float32."""
+    qmax = 2**bits - 1
+    xf = x2d.float()
+    xmin = xf.amin(dim=-1, keepdim=True) * lo[:, None]
+    xmax = xf.amax(dim=-1, keepdim=True) * hi[:, None]
+    s = ((xmax - xmin) / qmax).clamp(min=SCALE_MIN)
+    z = torch.clamp(torch.round(-xmin / s), 0, qmax)
+    return s, z
+
+
+def quantize_activation(
+    x: Tensor, clip_lo: ClipArg, clip_hi: ClipArg, bits: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Codes `q` (uint8, x's shape), scale and zero (float32), row sums of `q` (int32), per token."""
+    qmax = check_act_bits(bits)
+    lead, k = x.shape[:-1], x.shape[-1]
+    if k == 0:
+        raise ValueError("cannot quantize rows of length 0")
+    x2d = x.reshape(-1, k)
+    lo = row_factors(clip_lo, lead, x.device)
+    hi = row_factors(clip_hi, lead, x.device)
+    s, z = act_qparams(x2d, lo, hi, bits)
+    q = torch.clamp(torch.round(x2d.float() / s) + z, 0, qmax)
+    qsum = q.to(torch.int64).sum(dim=-1, keepdim=True).to(torch.int32)
+    stat_shape = (*lead, 1)
+    return q.to(torch.uint8).reshape(x.shape), s.reshape(stat_shape), z.reshape(stat_shape), qsum.reshape(stat_shape)
+
+
+def integer_dot(q_x: Tensor, z_x: Tensor, q_w: Tensor, c_w: int = 0) -> Tensor:
+    """`Σ_k (q_x - z_x)(q_w - c_w)` exactly (int64), for q_x (M, K), z_x (M, 1), q_w (N, K)."""
+    a = q_x.to(torch.int64) - z_x.to(torch.int64)
+    b = q_w.to(torch.int64) - c_w
+    # int64 matmul is not implemented everywhere; float64 is exact for these magnitudes (< 2^53).
+    return (a.double() @ b.double().T).round().to(torch.int64)
+
+
+def quantized_linear(
+    x: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    w_zero: Tensor,
+    w_qsum: Tensor,
+    bias: Tensor | None = None,
+    *,
+    in_features: int,
+    w_bits: int,
+    a_bits: int | None,
+    clip_lo: ClipArg = 1.0,
+    clip_hi: ClipArg = 1.0,
+    phi_down: Tensor | None = None,
+    phi_up: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """`x̂ Ŵᵀ + b (+ (x̂ Rᵀ) Lᵀ)` in float64. `w_qsum` is checked for shape only, never used."""
+    check_linear_args(x, qweight, w_scale, w_zero, w_qsum, bias, in_features, w_bits, a_bits, phi_down, phi_up)
+    out_dtype = out_dtype or x.dtype
+    lead = x.shape[:-1]
+    n = qweight.shape[0]
+    q_w = unpack_weight(qweight, w_bits, in_features).double()
+    w_hat = w_scale.double().reshape(n, 1) * (q_w - w_zero.double().reshape(n, 1))
+    if a_bits is None:
+        x_hat = x.reshape(-1, in_features).double()
+    else:
+        q, s, z, _ = quantize_activation(x, clip_lo, clip_hi, a_bits)
+        x_hat = s.reshape(-1, 1).double() * (q.reshape(-1, in_features).double() - z.reshape(-1, 1).double())
+    y = x_hat @ w_hat.T
+    if bias is not None:
+        y = y + bias.double().reshape(1, n)
+    if phi_down is not None:
+        y = y + (x_hat @ phi_down.double().T) @ phi_up.double().T
+    return y.to(out_dtype).reshape(*lead, n)
