@@ -1,0 +1,263 @@
+"""`QVGenQuantizer`: the diffusers quantizer for `quant_method: "qvgen"`.
+
+Diffusers' own `from_pretrained` does the loading; this class only shapes the model around it:
+
+- a QVGen checkpoint (`config.json` has a `quantization_config`): before the weights are read,
+  the model skeleton, still on the `meta` device, gets empty `PackedLinear` shells
+  (`qvgen.build_packed_model`); the checkpoint's tensors carry exactly the shells' parameter
+  names, so diffusers' loader fills them. No full-precision copy of the weights is ever made.
+  The quantized layers' tensors are taken from the checkpoint as stored (`create_quantized_param`),
+  so the float32 scales and zero points survive a `torch_dtype=torch.bfloat16` load.
+- a full-precision checkpoint with `quantization_config=QVGenConfig(...)`: the weights load as
+  usual, then each linear layer is quantized in turn (round-to-nearest with the clip search of
+  QVGen's weight quantizer; no training, so quality is well below a QAT checkpoint).
+
+`save_pretrained` of either writes the QVGen checkpoint format (docs/format.md) unchanged: the
+model's state dict *is* the format.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.quantizers.base import DiffusersQuantizer
+from torch import nn
+
+from ..checkpoint import CheckpointError, validate_state_dict
+from ..config import QVGenConfig
+from ..convert import STATE_ATTR, build_packed_model, pack_model, timestep_state
+from ..layers import PackedLinear, QVGenLinear
+from .config import QVGenQuantizationConfig
+
+logger = logging.getLogger("qvgen.diffusers")
+
+MIN_DIFFUSERS_VERSION = "0.33.1"  # oldest release tested (with transformers 4.51); Wan arrived in 0.33
+# Tensors of a quantized layer stored in the compute dtype; every other one (qweight, scales, zero
+# points, clipping factors, transform vectors) keeps the dtype the format fixes, whatever `torch_dtype` is.
+COMPUTE_DTYPE_TENSORS = ("bias", "phi_down", "phi_up")
+PTQ_WARNING = (
+    "QVGen: quantizing a full-precision model on load with round-to-nearest W%sA%s (no training). "
+    "Expect a clear quality loss at 4 bits; QVGen QAT checkpoints (python -m qvgen.train) are much better."
+)
+
+
+class QVGenQuantizer(DiffusersQuantizer):
+    """Builds QVGen's packed layers for `from_pretrained`; see the module docstring."""
+
+    requires_calibration = False
+    required_packages = ["qvgen", "accelerate"]
+    use_keep_in_fp32_modules = True
+
+    def __init__(self, quantization_config: QVGenConfig | QVGenQuantizationConfig | dict, **kwargs: Any) -> None:
+        super().__init__(QVGenQuantizationConfig.from_qvgen_config(quantization_config), **kwargs)
+        self.compute_dtype: torch.dtype | None = None
+        self.keep_in_fp32_modules: list[str] = []
+        self.source = ""  # the checkpoint file(s) when diffusers tells us, else the model class
+
+    # ---- environment and dtype -------------------------------------------------------------
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        import diffusers
+        from packaging import version
+
+        if version.parse(diffusers.__version__).release < version.parse(MIN_DIFFUSERS_VERSION).release:
+            raise ImportError(
+                f"QVGen needs diffusers>={MIN_DIFFUSERS_VERSION} (found {diffusers.__version__}): "
+                f"pip install -U 'diffusers>={MIN_DIFFUSERS_VERSION}'"
+            )
+        try:
+            import accelerate  # noqa: F401  (diffusers builds the skeleton on `meta` with it)
+        except ImportError:
+            raise ImportError("Loading QVGen models needs accelerate: pip install accelerate") from None
+        if kwargs.get("from_flax"):
+            raise ValueError("QVGen checkpoints are safetensors only; from_flax=True is not supported")
+
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+        self.compute_dtype = torch_dtype
+        return torch_dtype
+
+    # ---- before the weights are read ---------------------------------------------------------
+    def _process_model_before_weight_loading(
+        self, model: nn.Module, device_map: Any = None, keep_in_fp32_modules: list[str] | None = None, **kwargs: Any
+    ) -> nn.Module:
+        self.keep_in_fp32_modules = [m for m in (keep_in_fp32_modules or []) if m is not None]
+        self.source = self.source or f"QVGen checkpoint of {type(model).__name__}"
+        if self.pre_quantized:
+            config = self.quantization_config.to_qvgen_config()
+            build_packed_model(model, config, dtype=self.compute_dtype or torch.float32, device="meta")
+        return model
+
+    def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
+        """diffusers ≥ 0.39 passes the resolved files here: validate every quantized layer from the
+        safetensors headers (no tensor data read), so errors name the file. Older diffusers skip
+        this hook and the per-tensor checks in `create_quantized_param` still apply."""
+        if self.pre_quantized and checkpoint_files:
+            files = [Path(f) for f in checkpoint_files if isinstance(f, (str, Path))]
+            if files:
+                self.source = str(files[0] if len(files) == 1 else files[0].parent)
+                validate_state_dict(_header_tensors(files), self.quantization_config.to_qvgen_config(), self.source)
+        return loaded_keys
+
+    def update_missing_keys(self, model: nn.Module, missing_keys: list[str], prefix: str) -> list[str]:
+        if self.pre_quantized:
+            packed = {n for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+            lost = sorted(k for k in missing_keys if k.rpartition(".")[0] in packed)
+            if lost:
+                more = f" (and {len(lost) - 5} more)" if len(lost) > 5 else ""
+                raise CheckpointError(
+                    f"{self.source}: missing tensors of quantized layers: {lost[:5]}{more}; the checkpoint does not "
+                    "match its quantization_config (modules_to_not_convert, current_rank) or is incomplete"
+                )
+        return missing_keys
+
+    # ---- while the weights are read ----------------------------------------------------------
+    def check_if_quantized_param(
+        self, model: nn.Module, param_value: torch.Tensor, param_name: str, state_dict: dict[str, Any], **kwargs: Any
+    ) -> bool:
+        if not self.pre_quantized:
+            return False
+        owner, _, _ = param_name.rpartition(".")
+        try:
+            return isinstance(model.get_submodule(owner), PackedLinear)
+        except AttributeError:
+            return False
+
+    def check_quantized_param_shape(self, param_name: str, current_param: torch.Tensor, loaded_param: torch.Tensor):
+        raise CheckpointError(
+            f"{self.source}: tensor '{param_name}': expected shape {tuple(current_param.shape)} "
+            f"(from the model config and quantization_config), got {tuple(loaded_param.shape)}"
+        )
+
+    def create_quantized_param(
+        self,
+        model: nn.Module,
+        param_value: torch.Tensor,
+        param_name: str,
+        target_device: Any,
+        state_dict: dict[str, Any] | None = None,
+        unexpected_keys: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        owner, _, name = param_name.rpartition(".")
+        module = model.get_submodule(owner)
+        expected = module._parameters.get(name)
+        if expected is None:
+            raise CheckpointError(f"{self.source}: tensor '{param_name}' is not part of the quantized layer '{owner}'")
+        # The raw tensor as stored: diffusers has already cast floating tensors to `torch_dtype`.
+        raw = state_dict[param_name] if state_dict is not None and param_name in state_dict else param_value
+        if name in COMPUTE_DTYPE_TENSORS:  # fp32 inside `_keep_in_fp32_modules`, else the compute dtype
+            if not raw.is_floating_point():
+                raise CheckpointError(f"{self.source}: tensor '{param_name}': expected a float tensor, got {raw.dtype}")
+            keep_fp32 = any(m in param_name.split(".") for m in self.keep_in_fp32_modules)
+            dtype = torch.float32 if keep_fp32 else (kwargs.get("dtype") or expected.dtype)
+        elif raw.dtype != expected.dtype:
+            raise CheckpointError(
+                f"{self.source}: tensor '{param_name}': expected {expected.dtype} of shape {tuple(expected.shape)}, "
+                f"got {raw.dtype} of shape {tuple(raw.shape)}"
+            )
+        else:
+            dtype = expected.dtype
+        if tuple(raw.shape) != tuple(expected.shape):
+            self.check_quantized_param_shape(param_name, expected, raw)
+        value = raw.to(device=target_device, dtype=dtype).contiguous()
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+
+    # ---- after the weights are read ----------------------------------------------------------
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if not self.pre_quantized:
+            quantize_on_load(model, self)
+        left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if left:
+            raise CheckpointError(f"{self.source}: tensors not found in the checkpoint: {left[:5]}")
+        return model
+
+    def _dequantize(self, model: nn.Module) -> nn.Module:
+        """Replace every `PackedLinear` by an `nn.Linear` holding `s_w (q_w - z_w)` (+ Φ)."""
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, PackedLinear):
+                continue
+            dtype = module.bias.dtype if module.bias is not None else (self.compute_dtype or torch.float32)
+            linear = nn.Linear(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device=module.qweight.device,
+                dtype=dtype,
+            )
+            with torch.no_grad():
+                linear.weight.copy_(module.dequantize_weight(dtype))
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+        return model
+
+    @property
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def _header_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Shape/dtype-only stand-ins (meta tensors) for every tensor of the safetensors files."""
+    from safetensors import SafetensorError, safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    s = h.get_slice(k)
+                    out[k] = torch.empty(s.get_shape(), dtype=_ST_DTYPES.get(s.get_dtype(), torch.uint8), device="meta")
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    return out
+
+
+_ST_DTYPES = {
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "BOOL": torch.bool,
+}
+
+
+@torch.no_grad()
+def quantize_on_load(model: nn.Module, quantizer: QVGenQuantizer) -> None:
+    """Round-to-nearest PTQ of a loaded full-precision model, one layer at a time, in place.
+
+    No Φ (rank 0) and one activation-clipping bucket (every bucket would hold the initial factors);
+    the config diffusers saves says so.
+    """
+    requested = quantizer.quantization_config
+    config = QVGenQuantizationConfig.from_dict({**requested.to_dict(), "rank": 0, "current_rank": 0, "n_buckets": 1})
+    logger.warning(PTQ_WARNING, config.weight_bits, config.act_bits or 16)
+    core = config.to_qvgen_config()
+    state = timestep_state(model, core)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or isinstance(module, (QVGenLinear, PackedLinear)):
+            continue
+        if not core.should_convert(name):
+            continue
+        # One layer at a time through the core's own packing, so at most one fp32 copy exists.
+        holder = nn.Module()
+        holder.layer = QVGenLinear.from_linear(module, core, init=True, name=name)
+        object.__setattr__(holder, STATE_ATTR, state)  # share the model's timestep state, no new hook
+        pack_model(holder, core, dtype=module.weight.dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, holder.layer)
+    quantizer.quantization_config = config
+    quantizer.pre_quantized = True  # from now on the model holds packed layers (save, reload)
+    if hasattr(model, "register_to_config"):
+        model.register_to_config(quantization_config=config)

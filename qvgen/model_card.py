@@ -1,0 +1,290 @@
+"""The Hub model card (README.md) of a QVGen checkpoint.
+
+Everything on the card is read from what is uploaded: the `quantization_config`, the training
+run's `train_config.json` / `train_log.jsonl`, a metrics file, and the base model's own card
+(its license is carried over). Rendering is pure (no network), so tests check the exact text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import QVGenConfig
+
+PIPELINE_FOR_TRANSFORMER = {
+    "WanTransformer3DModel": "WanPipeline",
+    "CogVideoXTransformer3DModel": "CogVideoXPipeline",
+}
+METHODS = {
+    "qat": "trained with QVGen quantization-aware training (distillation from the full-precision model, "
+    "auxiliary module Φ decayed to rank 0)",
+    "ptq": "quantized with round-to-nearest post-training quantization (no training; expect visibly lower "
+    "quality than a QVGen QAT checkpoint)",
+    "converted": "converted from the QVGen authors' released fake-quantization checkpoint",
+    "unknown": "quantized with QVGen",
+}
+TRAINING_KEYS = (
+    ("steps", "steps"),
+    ("batch_size", "batch size (per device)"),
+    ("grad_accum", "gradient accumulation"),
+    ("lr", "learning rate (weights, Φ, quantizer scales)"),
+    ("clip_lr", "learning rate (activation clipping)"),
+    ("weight_decay", "weight decay"),
+    ("betas", "AdamW betas"),
+    ("warmup_steps", "warm-up steps"),
+    ("grad_clip", "gradient-norm clip"),
+    ("caption_dropout", "caption dropout"),
+    ("mixed_precision", "mixed precision"),
+    ("seed", "seed"),
+)
+PAPER = "https://arxiv.org/abs/2505.11497"
+PROJECT = "https://github.com/qvgen/qvgen"
+CITATION = """```bibtex
+@inproceedings{huang2026qvgen,
+  title={QVGen: Pushing the Limit of Quantized Video Generative Models},
+  author={Huang, Yushi and Gong, Ruihao and Liu, Jing and Ding, Yifu and Lv, Chengtao and Qin, Haotong and Zhang, Jun},
+  booktitle={International Conference on Learning Representations},
+  year={2026}
+}
+```
+"""
+
+
+@dataclass
+class CardInfo:
+    """What the card says; `hub.stage_upload` fills it from the files being uploaded."""
+
+    repo_id: str
+    base_model: str  # Hub id, or a local folder when the base was not loaded from the Hub
+    config: QVGenConfig
+    transformer_class: str = "WanTransformer3DModel"
+    pipeline_class: str | None = None
+    method: str = "qat"
+    source: str | None = None  # converted checkpoints: where they came from
+    license: str | None = None
+    license_name: str | None = None
+    license_link: str | None = None
+    full_pipeline: bool = True
+    single_file: str | None = None  # path in the repo of the ComfyUI file
+    training: dict[str, Any] | None = None  # train_config.json
+    final_log: dict[str, Any] | None = None  # last line of train_log.jsonl
+    metrics: dict[str, Any] | None = None
+    sizes: dict[str, int] = field(default_factory=dict)  # label -> bytes
+    extra_tags: list[str] = field(default_factory=list)
+
+    @property
+    def pipeline(self) -> str:
+        return self.pipeline_class or PIPELINE_FOR_TRANSFORMER.get(self.transformer_class, "DiffusionPipeline")
+
+    @property
+    def bits(self) -> str:
+        a = self.config.act_bits if self.config.act_bits is not None else 16
+        return f"W{self.config.weight_bits}A{a}"
+
+
+def is_hub_id(name: str) -> bool:
+    """`org/name` as the Hub spells repo ids (a local path is not one, even when it exists)."""
+    import re
+    from pathlib import Path
+
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
+
+
+def render_model_card(info: CardInfo) -> str:
+    """The full README.md: YAML metadata, then the body."""
+    from huggingface_hub import ModelCardData
+
+    family = "cogvideox" if "CogVideoX" in info.transformer_class else "wan"
+    data = ModelCardData(
+        base_model=info.base_model if is_hub_id(info.base_model) else None,
+        library_name="diffusers",
+        pipeline_tag="text-to-video",
+        license=info.license,
+        license_name=info.license_name,
+        license_link=info.license_link,
+        tags=["qvgen", "quantized", info.bits.lower(), family, "text-to-video", *info.extra_tags],
+        base_model_relation="quantized",
+    )
+    return f"---\n{data.to_yaml()}\n---\n\n{_body(info)}"
+
+
+def _body(info: CardInfo) -> str:
+    c = info.config
+    name = info.repo_id.split("/")[-1]
+    base_link = (
+        f"[{info.base_model}](https://huggingface.co/{info.base_model})"
+        if is_hub_id(info.base_model)
+        else f"`{info.base_model}`"
+    )
+    parts = [
+        f"# {name}\n",
+        f"{info.bits} version of {base_link}, {METHODS.get(info.method, info.method)}"
+        + (f" (`{info.source}`)" if info.source else "")
+        + f". Made with [QVGen]({PROJECT}) ([paper]({PAPER})).\n",
+        "## Quantization\n",
+        _table(
+            [
+                (
+                    "weights",
+                    f"{c.weight_bits}-bit integers, per output channel, asymmetric, learned scale and zero point",
+                ),
+                (
+                    "activations",
+                    "16-bit (not quantized)"
+                    if c.act_bits is None
+                    else f"{c.act_bits}-bit, per token, dynamic, asymmetric, learned clipping "
+                    f"({c.n_buckets} timestep bucket{'s' if c.n_buckets != 1 else ''})",
+                ),
+                ("quantized layers", _patterns(c.modules_to_convert)),
+                ("kept in full precision", _patterns(c.modules_to_not_convert) if c.modules_to_not_convert else "none"),
+                (
+                    "auxiliary module Φ",
+                    f"rank {c.current_rank or 0} (removed)" if not c.current_rank else f"rank {c.current_rank}",
+                ),
+                ("input transform", c.input_transform) if getattr(c, "input_transform", "none") != "none" else None,
+                ("format", f'QVGen checkpoint format v{c.format_version} (safetensors; `quant_method: "qvgen"`)'),
+                *[(label, _size(n)) for label, n in info.sizes.items()],
+            ]
+        ),
+    ]
+    parts += ["## Training\n", _training(info)]
+    parts += ["## Metrics\n", _metrics(info.metrics)]
+    parts += ["## Use with diffusers\n", _diffusers_usage(info)]
+    parts += ["## Use in ComfyUI\n", _comfyui_usage(info)]
+    parts += ["## License\n", _license(info)]
+    parts += [
+        "## Citation\n",
+        CITATION,
+    ]
+    return "\n".join(parts)
+
+
+def _training(info: CardInfo) -> str:
+    if info.method == "ptq":
+        return "None: round-to-nearest post-training quantization.\n"
+    if not info.training:
+        if info.method == "converted":
+            return "See the source checkpoint's card; the QVGen paper describes the recipe.\n"
+        return "No training record was uploaded with this checkpoint.\n"
+    opts = info.training.get("options", {})
+    q = info.training.get("quantization", {})
+    rows: list[tuple[str, str] | None] = [(label, _fmt(opts[k])) for k, label in TRAINING_KEYS if k in opts]
+    if q:
+        rows.append(
+            ("Φ rank schedule", f"{q.get('rank')} → 0, ×{q.get('decay_factor')} every {q.get('phase_steps')} steps")
+        )
+    if info.final_log:
+        rows.append(("final distillation loss", _fmt(info.final_log.get("loss"))))
+    return _table(rows)
+
+
+def _metrics(metrics: dict[str, Any] | None) -> str:
+    if not metrics:
+        return "No evaluation metrics were recorded for this checkpoint.\n"
+    flat = _flatten(metrics)
+    return _table([(k, _fmt(v)) for k, v in flat.items()], header=("metric", "value"))
+
+
+def _diffusers_usage(info: CardInfo) -> str:
+    dtype = "torch.bfloat16"
+    if info.full_pipeline:
+        code = (
+            'import torch\nimport qvgen  # registers quant_method "qvgen" with diffusers\n'
+            "from diffusers import DiffusionPipeline\nfrom diffusers.utils import export_to_video\n\n"
+            f'pipe = DiffusionPipeline.from_pretrained("{info.repo_id}", torch_dtype={dtype}).to("cuda")\n'
+        )
+    else:
+        code = (
+            'import torch\nimport qvgen  # registers quant_method "qvgen" with diffusers\n'
+            f"from diffusers import {info.pipeline}, {info.transformer_class}\n"
+            "from diffusers.utils import export_to_video\n\n"
+            f"transformer = {info.transformer_class}.from_pretrained(\n"
+            f'    "{info.repo_id}", subfolder="transformer", torch_dtype={dtype}\n)\n'
+            f'pipe = {info.pipeline}.from_pretrained("{info.base_model}", transformer=transformer, '
+            f'torch_dtype={dtype}).to("cuda")\n'
+        )
+    code += 'video = pipe("a red fox running through snow", num_inference_steps=50).frames[0]\n'
+    code += 'export_to_video(video, "fox.mp4", fps=16)\n'
+    return (
+        "```bash\npip install qvgen diffusers transformers accelerate\n```\n\n"
+        f"```python\n{code}```\n\n"
+        "Only the transformer is quantized; the quantized layers are built directly from the packed "
+        "weights (no full-precision copy is materialised). `python -m qvgen.hub pull "
+        f"{info.repo_id}` downloads the files ahead of time (add `--revision <commit>` to pin a version; "
+        "`HF_HUB_OFFLINE=1` then serves them from the cache).\n"
+    )
+
+
+def _comfyui_usage(info: CardInfo) -> str:
+    if not info.single_file:
+        return (
+            "This repo has no single-file copy; `qvgen.hub.write_single_file(qvgen.load_checkpoint(folder), path)` "
+            "makes one from the downloaded `transformer/` folder for the QVGen loader node.\n"
+        )
+    fname = info.single_file.split("/")[-1]
+    return (
+        "1. Install the QVGen node pack (ComfyUI-Manager: search *QVGen*, or `git clone` the QVGen repository "
+        "into `ComfyUI/custom_nodes/` and `pip install -e .` in it).\n"
+        f"2. Download `{info.single_file}` into `ComfyUI/models/diffusion_models/` (ComfyUI lists sub-folders):\n"
+        f"   `python -m qvgen.hub pull {info.repo_id} --what comfyui --local-dir ComfyUI/models/diffusion_models`\n"
+        f"3. In a standard {'CogVideoX' if 'CogVideoX' in info.transformer_class else 'Wan 2.1'} workflow, replace "
+        f"the model loader with the QVGen loader node and pick `{fname}`; text encoder and VAE are the base "
+        "model's usual files.\n"
+    )
+
+
+def _license(info: CardInfo) -> str:
+    if info.license is None:
+        return (
+            f"Not stated on the base model's card: the license of {info.base_model} applies to these weights; "
+            "check it before use.\n"
+        )
+    name = info.license_name or info.license
+    link = f" ({info.license_link})" if info.license_link else ""
+    return (
+        f"Derived from {info.base_model}, so its license carries over: **{name}**{link}. QVGen's code is Apache-2.0.\n"
+    )
+
+
+# ---- small helpers -------------------------------------------------------------------------------
+def _table(rows: list[tuple[str, str] | None], header: tuple[str, str] = ("", "")) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for row in rows if row is not None for k, v in [row]]
+    return "\n".join(lines) + "\n"
+
+
+def _patterns(patterns: list[str]) -> str:
+    if patterns == ["*"]:
+        return "every linear layer of the transformer"
+    return ", ".join(f"`{p}`" for p in patterns)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v)
+    if isinstance(v, (dict,)):
+        return json.dumps(v)
+    return str(v)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + " / "))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+    return out
