@@ -170,7 +170,9 @@ def _training(info: CardInfo) -> str:
         return "No training record was uploaded with this checkpoint.\n"
     opts = info.training.get("options", {})
     q = info.training.get("quantization", {})
-    rows: list[tuple[str, str] | None] = [(label, _fmt(opts[k])) for k, label in TRAINING_KEYS if k in opts]
+    rows: list[tuple[str, str] | None] = [
+        (label, _fmt(opts[k])) for k, label in TRAINING_KEYS if opts.get(k) is not None
+    ]
     if q:
         rows.append(
             ("Φ rank schedule", f"{q.get('rank')} → 0, ×{q.get('decay_factor')} every {q.get('phase_steps')} steps")
