@@ -87,6 +87,23 @@ def test_registered_in_process_and_other_backends_untouched():
     assert set(AUTO_QUANTIZER_MAPPING) == set(AUTO_QUANTIZATION_CONFIG_MAPPING)
 
 
+def test_install_registers_at_once_when_diffusers_is_loaded_and_failures_only_warn(monkeypatch):
+    from diffusers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    backend = qvgen.diffusers_backend
+    monkeypatch.delitem(AUTO_QUANTIZER_MAPPING, "qvgen")
+    assert not backend.is_registered()
+    backend.install()  # diffusers' quantizer module is already imported: no hook, immediate registration
+    assert backend.is_registered() and backend._finder is None
+
+    def broken():
+        raise AttributeError("AUTO_QUANTIZER_MAPPING moved")
+
+    monkeypatch.setattr(backend, "register", broken)
+    with pytest.warns(RuntimeWarning, match="could not register its diffusers quantizer"):
+        backend.install()
+
+
 def test_quantization_config_is_both_a_qvgen_and_a_diffusers_config():
     from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
