@@ -171,6 +171,16 @@ def _act_quant_kernel(
 # The GEMM: int8 MMA (or float MMA for weight-only) + zero-point epilogue
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _quantize_t(x, s, z, QMAX: tl.constexpr):
+    """`_quantize` for transposed tiles (k, rows) or (k, rows, 2): s, z broadcast along the rows axis."""
+    if len(x.shape) == 3:
+        v = _rne(tl.math.div_rn(x, s[None, :, None])) + z[None, :, None]
+    else:
+        v = _rne(tl.math.div_rn(x, s[None, :])) + z[None, :]
+    return tl.minimum(tl.maximum(v, 0.0), QMAX)
+
+
+@triton.jit
 def _linear_kernel(
     a_ptr,  # A_SRC=1: int8 activations from _act_quant_kernel; A_SRC=0/2: the float input x
     lo_ptr,
@@ -211,6 +221,13 @@ def _linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    """Computes the output tile transposed, `accᵀ (BLOCK_N × BLOCK_M) = W_tile · A_tileᵀ`.
+
+    The weights are widened in registers, so they are the MMA's *first* operand: on Hopper
+    wgmma takes operand A straight from registers (operand B must sit in shared memory), which
+    saves a register → shared round trip of every unpacked weight tile; the activations arrive
+    by cp.async in shared memory. Few tokens then map to the MMA's narrow N side (8…256).
+    """
     PACKED: tl.constexpr = W_BITS <= 4
     QMAX: tl.constexpr = 2**A_BITS - 1
     # integer path: c_w shifts 8-bit weight codes into int8; float path: centre the codes
@@ -248,72 +265,68 @@ def _linear_kernel(
         rsum = tl.zeros([BLOCK_M], tl.int32)  # Σ(q_x - z_x)
     if A_SRC == 0:
         xsum = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.int32)
 
     if PACKED:
         for kh0 in range(0, KH, BKH):
             offs_kh = tl.max_contiguous(tl.multiple_of(kh0 + tl.arange(0, BKH), BKH), BKH)
-            p = tl.load(w_ptr + w_col[None, :] + offs_kh[:, None], mask=offs_kh[:, None] < KH, other=0)
+            p = tl.load(w_ptr + w_col[:, None] + offs_kh[None, :], mask=offs_kh[None, :] < KH, other=0)
             if A_SRC == 1:
-                w_lo = (p & 0xF).to(tl.int8)
-                w_hi = (p >> 4).to(tl.int8)
-                a_e = tl.load(a_ptr + a_row[:, None] + offs_kh[None, :], mask=offs_kh[None, :] < KH, other=0)
-                a_o = tl.load(a_ptr + a_row[:, None] + HALF + offs_kh[None, :], mask=offs_kh[None, :] < KO, other=0)
+                a_e = tl.load(a_ptr + a_row[None, :] + offs_kh[:, None], mask=offs_kh[:, None] < KH, other=0)
+                a_o = tl.load(a_ptr + a_row[None, :] + HALF + offs_kh[:, None], mask=offs_kh[:, None] < KO, other=0)
+                acc = tl.dot((p & 0xF).to(tl.int8), a_e, acc)
+                acc = tl.dot((p >> 4).to(tl.int8), a_o, acc)
             else:
-                # (BLOCK_M, BKH, 2) tile of x: pairs (2j, 2j+1) side by side, split in registers
-                kk = 2 * offs_kh[None, :, None] + tl.arange(0, 2)[None, None, :]
-                x3 = tl.load(a_ptr + a_row[:, None, None] + kk, mask=kk < K, other=0.0)
+                # (BKH, BLOCK_M, 2) tile of x: the pair (2j, 2j+1) side by side, split in registers
+                kk = 2 * offs_kh[:, None, None] + tl.arange(0, 2)[None, None, :]
+                x3 = tl.load(a_ptr + a_row[None, :, None] + kk, mask=kk < K, other=0.0)
                 if A_SRC == 2:
-                    v = _rne(tl.math.div_rn(x3.to(tl.float32), s_x[:, None, None])) + z_x[:, None, None]
-                    q3 = tl.minimum(tl.maximum(v, 0.0), QMAX)
-                    a3 = tl.where(kk < K, q3 - c_x[:, None, None], 0.0)
-                    rsum += tl.sum(tl.sum(tl.where(kk < K, q3 - z_x[:, None, None], 0.0), axis=2), axis=1).to(tl.int32)
+                    q3 = _quantize_t(x3.to(tl.float32), s_x, z_x, QMAX)
+                    a3 = tl.where(kk < K, q3 - c_x[None, :, None], 0.0)
+                    d3 = tl.where(kk < K, q3 - z_x[None, :, None], 0.0)
+                    rsum += tl.sum(tl.sum(d3, axis=2), axis=0).to(tl.int32)
                     a_e, a_o = tl.split(a3.to(tl.int8))
-                    w_lo = (p & 0xF).to(tl.int8)
-                    w_hi = (p >> 4).to(tl.int8)
+                    acc = tl.dot((p & 0xF).to(tl.int8), a_e, acc)
+                    acc = tl.dot((p >> 4).to(tl.int8), a_o, acc)
                 else:
-                    xsum += tl.sum(tl.sum(x3.to(tl.float32), axis=2), axis=1)
-                    a_e, a_o = tl.split(x3)
+                    xsum += tl.sum(tl.sum(x3.to(tl.float32), axis=2), axis=0)
+                    x_e, x_o = tl.split(x3)
                     w_lo = ((p & 0xF).to(tl.int16) - C_W).to(x3.dtype)
                     w_hi = ((p >> 4).to(tl.int16) - C_W).to(x3.dtype)
-            if A_SRC == 0:
-                acc = tl.dot(a_e, w_lo, acc, input_precision=DOT_PREC)
-                acc = tl.dot(a_o, w_hi, acc, input_precision=DOT_PREC)
-            else:
-                acc = tl.dot(a_e, w_lo, acc)
-                acc = tl.dot(a_o, w_hi, acc)
+                    acc = tl.dot(w_lo, x_e, acc, input_precision=DOT_PREC)
+                    acc = tl.dot(w_hi, x_o, acc, input_precision=DOT_PREC)
     else:
         for k0 in range(0, K, BLOCK_K):
             offs_k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
             k_ok = offs_k < K
-            p = tl.load(w_ptr + w_col[None, :] + offs_k[:, None], mask=k_ok[:, None], other=0)
+            p = tl.load(w_ptr + w_col[:, None] + offs_k[None, :], mask=k_ok[None, :], other=0)
             if A_SRC == 0:
-                xt = tl.load(a_ptr + a_row[:, None] + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-                xsum += tl.sum(xt.to(tl.float32), axis=1)
+                xt = tl.load(a_ptr + a_row[None, :] + offs_k[:, None], mask=k_ok[:, None], other=0.0)
+                xsum += tl.sum(xt.to(tl.float32), axis=0)
                 b = (p.to(tl.int16) - C_W).to(xt.dtype)
-                acc = tl.dot(xt, b, acc, input_precision=DOT_PREC)
+                acc = tl.dot(b, xt, acc, input_precision=DOT_PREC)
             else:
                 if W_BITS == 8:
                     b = (p ^ 0x80).to(tl.int8, bitcast=True)  # q_w - 128
-                    b = tl.where(k_ok[:, None], b, 0)
+                    b = tl.where(k_ok[None, :], b, 0)
                 else:
                     b = p.to(tl.int8)
                 if A_SRC == 1:
-                    a = tl.load(a_ptr + a_row[:, None] + offs_k[None, :], mask=k_ok[None, :], other=0)
+                    a = tl.load(a_ptr + a_row[None, :] + offs_k[:, None], mask=k_ok[:, None], other=0)
                 else:
-                    xt = tl.load(a_ptr + a_row[:, None] + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-                    q = _quantize(xt.to(tl.float32), s_x, z_x, QMAX)
-                    a = tl.where(k_ok[None, :], q - c_x[:, None], 0.0).to(tl.int8)
-                    rsum += tl.sum(tl.where(k_ok[None, :], q - z_x[:, None], 0.0), axis=1).to(tl.int32)
-                acc = tl.dot(a, b, acc)
+                    xt = tl.load(a_ptr + a_row[None, :] + offs_k[:, None], mask=k_ok[:, None], other=0.0)
+                    q = _quantize_t(xt.to(tl.float32), s_x, z_x, QMAX)
+                    a = tl.where(k_ok[:, None], q - c_x[None, :], 0.0).to(tl.int8)
+                    rsum += tl.sum(tl.where(k_ok[:, None], q - z_x[None, :], 0.0), axis=0).to(tl.int32)
+                acc = tl.dot(b, a, acc)
 
-    # ---- epilogue ----
+    # ---- epilogue, on the transposed tile: dim 0 = output channels, dim 1 = tokens ----
     s_w = tl.load(sw_ptr + cols_c)
     z_w = tl.load(zw_ptr + cols_c)
     if A_SRC == 0:
-        y = (acc + xsum[:, None] * (C_W - z_w)[None, :]) * s_w[None, :]
+        y = (acc + (C_W - z_w)[:, None] * xsum[None, :]) * s_w[:, None]
     else:
         if A_SRC == 1:
             s_x = tl.load(sx_ptr + rows_c)
@@ -321,18 +334,18 @@ def _linear_kernel(
             rsum = tl.load(qsx_ptr + rows_c) - K * z_x.to(tl.int32)
         if C_X8:  # a = q_x - 128: add d_x Σ_k b = (128 - z_x)(Σ q_w - K c_w)
             s_b = tl.load(qsw_ptr + cols_c) - K * C_W
-            acc += (128 - z_x.to(tl.int32))[:, None] * s_b[None, :]
-        corr = rsum.to(tl.float32)[:, None] * (C_W - z_w)[None, :]  # the real weight zero point
-        y = (acc.to(tl.float32) + corr) * (s_x[:, None] * s_w[None, :])
+            acc += s_b[:, None] * (128 - z_x.to(tl.int32))[None, :]
+        corr = (C_W - z_w)[:, None] * rsum.to(tl.float32)[None, :]  # the real weight zero point
+        y = (acc.to(tl.float32) + corr) * (s_w[:, None] * s_x[None, :])
     if HAS_BIAS:
-        y += tl.load(bias_ptr + cols_c).to(tl.float32)[None, :]
-    if PHI_R > 0:
+        y += tl.load(bias_ptr + cols_c).to(tl.float32)[:, None]
+    if PHI_R > 0:  # Φ's up-projection: yᵀ += L tᵀ
         rr = tl.arange(0, PHI_R)
-        t = tl.load(t_ptr + rows_c.to(tl.int64)[:, None] * stride_tm + rr[None, :])
-        pu = tl.load(pu_ptr + cols_c.to(tl.int64)[None, :] * stride_pun + rr[:, None], mask=rr[:, None] < R, other=0.0)
-        y = tl.dot(t.to(pu.dtype), pu, y)
-    out_mask = (rows[:, None] < M) & (cols[None, :] < N)
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+        t = tl.load(t_ptr + rows_c.to(tl.int64)[None, :] * stride_tm + rr[:, None])
+        pu = tl.load(pu_ptr + cols_c.to(tl.int64)[:, None] * stride_pun + rr[None, :], mask=rr[None, :] < R, other=0.0)
+        y = tl.dot(pu, t.to(pu.dtype), y)
+    out_mask = (cols[:, None] < N) & (rows[None, :] < M)
+    y_ptrs = y_ptr + rows.to(tl.int64)[None, :] * stride_ym + cols[:, None]
     if OUT_INT:  # testing: the exact integer part, Σ(q_x - z_x)(q_w - c_w)
         tl.store(y_ptrs, acc, mask=out_mask)
     else:
@@ -370,8 +383,32 @@ AMPERE_CONFIGS = [
     _cfg(32, 64, 256, 4, 3),
     _cfg(16, 128, 256, 4, 3),
 ]
+# Fused quantize-in-GEMM (≤ FUSE_MAX_M tokens): thin M tiles; the float x tile sits in shared memory.
+FUSED_CONFIGS = [
+    _cfg(16, 128, 128, 4, 3),
+    _cfg(16, 64, 256, 4, 3),
+    _cfg(32, 128, 128, 4, 3),
+    _cfg(64, 64, 128, 4, 3),
+]
+# Weight-only (float MMA on 16-bit inputs; fp32 inputs use the tf32x3 split): shallower K steps.
+FLOAT_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 64, 64, 4, 3),
+    _cfg(64, 128, 64, 4, 3),
+    _cfg(64, 64, 64, 4, 3),
+    _cfg(16, 128, 64, 4, 3),
+]
 # fixed tiles for the CPU interpreter (cost ∝ programs × K steps) and for explicit calls
 INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}
+
+
+def configs_for(a_src: int, hopper: bool) -> list[triton.Config]:
+    """The autotune list of a kernel mode (A_SRC 0 weight-only, 1 int8, 2 fused) on an architecture."""
+    if a_src == 0:
+        return FLOAT_CONFIGS
+    if a_src == 2:
+        return FUSED_CONFIGS
+    return HOPPER_CONFIGS if hopper else AMPERE_CONFIGS
 
 
 def _prune(configs, named_args, **kwargs):
@@ -383,12 +420,14 @@ def _prune(configs, named_args, **kwargs):
 
 
 _KEY = ["M_BUCKET", "N", "K", "W_BITS", "A_BITS", "A_SRC", "PHI_R"]
-_linear_hopper = triton.autotune(HOPPER_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-    _linear_kernel
-)
-_linear_ampere = triton.autotune(AMPERE_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-    _linear_kernel
-)
+
+
+@functools.cache
+def _tuned(a_src: int, hopper: bool):
+    """One autotuner per (mode, architecture); the timings are cached per problem key."""
+    return triton.autotune(configs_for(a_src, hopper), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+        _linear_kernel
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -622,7 +661,7 @@ def quantized_linear(
 
         _linear_kernel[grid](*args, **meta, **cfg, num_warps=warps, num_stages=stages, **opts)
     else:
-        tuned = _linear_hopper if _is_hopper(dev.index or 0) else _linear_ampere
+        tuned = _tuned(a_src, _is_hopper(dev.index if dev.index is not None else torch.cuda.current_device()))
 
         def grid(meta_: dict) -> tuple[int]:
             return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)

@@ -1,0 +1,187 @@
+"""Triton kernels compiled for real GPU targets without a GPU (sm_80, sm_89, sm_90), so lowering
+errors fail CI; plus runs on a CUDA GPU (marked `gpu`, skipped without one). The interpreter runs
+are in test_kernels_interp.py.
+
+Compile checks: every kernel variant the launcher can produce lowers for each target, uses the
+int8 tensor-core MMA (`mma.sync … s32.s8.s8` on sm_80/89, `wgmma … s32.s8.s8` on sm_90), fits
+the target's shared memory, and — where it quantizes — keeps IEEE division, no FMA contraction
+and the rounding constant (so codes match the training quantizer exactly).
+GPU tolerance: bf16 outputs, |Δ| ≤ 1.6e-2·|y| + 1e-3·max|y| against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import qvgen_kernels as qk
+import torch
+from qvgen_kernels import reference
+from test_kernels import assert_matches, call, make_layer
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles need TRITON_INTERPRET unset"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# real compiles for the GPU targets (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+SMEM_LIMIT = {80: 166912, 89: 101376, 90: 232448}  # max dynamic shared memory per block, bytes
+T = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+INTS = ("M", "N", "K", "KH", "KO", "HALF", "R", "stride_am", "stride_wn", "stride_tm", "stride_pun", "stride_ym")
+DIV16 = ("N", "K", "KH", "KO", "HALF", "stride_am", "stride_wn", "stride_tm", "stride_pun", "stride_ym")
+
+
+def _compile(fn, types: dict[str, str], constexprs: dict, cc: int, warps: int, stages: int, fp_fusion: bool):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {a: "constexpr" if a in constexprs else types[a] for a in fn.arg_names}
+    # what the JIT would specialize for 16-byte-aligned pointers and multiples of 16
+    div16 = [a for a in fn.arg_names if a not in constexprs and (types[a].startswith("*") or a in DIV16)]
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
+    opts = {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": fp_fusion}
+    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", cc, 32), options=opts)
+
+
+def _linear_types(a: str, out: str, bias: str = "fp32", phi: str = "fp32") -> dict[str, str]:
+    types = {n: "i32" for n in (*INTS, "M_BUCKET")}
+    types.update(
+        a_ptr=f"*{a}", lo_ptr="*fp32", hi_ptr="*fp32", sx_ptr="*fp32", zx_ptr="*fp32", qsx_ptr="*i32",
+        w_ptr="*u8", sw_ptr="*fp32", zw_ptr="*fp32", qsw_ptr="*i32", bias_ptr=f"*{bias}", t_ptr="*fp32",
+        pu_ptr=f"*{phi}", y_ptr=f"*{out}",
+    )  # fmt: skip
+    return types
+
+
+# (name, input/activation dtype, out dtype, constexprs) — every variant the launcher can produce
+LINEAR_VARIANTS = [
+    ("w4a4", "i8", "bf16", dict(W_BITS=4, A_BITS=4, A_SRC=1, HAS_BIAS=True, PHI_R=0)),
+    ("w4a4-phi32", "i8", "bf16", dict(W_BITS=4, A_BITS=4, A_SRC=1, HAS_BIAS=True, PHI_R=32)),
+    ("w4a4-fp16-nobias", "i8", "fp16", dict(W_BITS=4, A_BITS=4, A_SRC=1, HAS_BIAS=False, PHI_R=0)),
+    ("w4a8-fp32-phi16", "i8", "fp32", dict(W_BITS=4, A_BITS=8, A_SRC=1, HAS_BIAS=True, PHI_R=16)),
+    ("w8a8", "i8", "bf16", dict(W_BITS=8, A_BITS=8, A_SRC=1, HAS_BIAS=True, PHI_R=0)),
+    ("w6a6", "i8", "fp16", dict(W_BITS=6, A_BITS=6, A_SRC=1, HAS_BIAS=True, PHI_R=0)),
+    ("w4a4-fused", "bf16", "bf16", dict(W_BITS=4, A_BITS=4, A_SRC=2, HAS_BIAS=True, PHI_R=0)),
+    ("w8a8-fused", "fp16", "fp16", dict(W_BITS=8, A_BITS=8, A_SRC=2, HAS_BIAS=True, PHI_R=0)),
+    ("w4-weight-only", "bf16", "bf16", dict(W_BITS=4, A_BITS=0, A_SRC=0, HAS_BIAS=True, PHI_R=0)),
+    ("w8-weight-only-fp32", "fp32", "fp32", dict(W_BITS=8, A_BITS=0, A_SRC=0, HAS_BIAS=False, PHI_R=0)),
+    ("w4a4-int-out", "i8", "i32", dict(W_BITS=4, A_BITS=4, A_SRC=1, HAS_BIAS=False, PHI_R=0, OUT_INT=True)),
+]
+QUANT_VARIANTS = [  # (x dtype, phi dtype, LAYOUT, PHI_R)
+    ("bf16", "fp32", 0, 0),
+    ("fp16", "fp32", 1, 0),
+    ("bf16", "fp32", 2, 0),
+    ("bf16", "bf16", 2, 32),
+    ("fp32", "fp32", 1, 16),
+]
+CCS = [80, 89, 90]
+
+
+def test_prune_keeps_thin_tiles_for_few_tokens() -> None:
+    from qvgen_kernels import triton_linear
+
+    few = triton_linear._prune(triton_linear.HOPPER_CONFIGS, {"M": 8})
+    assert few and all(c.kwargs["BLOCK_M"] <= 16 for c in few)
+    many = triton_linear._prune(triton_linear.AMPERE_CONFIGS, {"M": 32760})
+    assert len(many) == len(triton_linear.AMPERE_CONFIGS)
+
+
+def _tiles(cc: int, a_src: int) -> tuple[dict, int, int]:
+    """The first (preferred) autotune tile of this kernel mode on this architecture."""
+    from qvgen_kernels import triton_linear
+
+    cfg = triton_linear.configs_for(a_src, cc >= 90)[0]
+    return dict(cfg.kwargs), cfg.num_warps, cfg.num_stages
+
+
+@pytest.mark.parametrize("cc", CCS)
+@pytest.mark.parametrize(("name", "a", "out", "ce"), LINEAR_VARIANTS, ids=[v[0] for v in LINEAR_VARIANTS])
+def test_compile_linear(cc: int, name: str, a: str, out: str, ce: dict) -> None:
+    from qvgen_kernels import triton_linear
+
+    fused = ce["A_SRC"] == 2
+    tiles, warps, stages = _tiles(cc, ce["A_SRC"])
+    constexprs = {"OUT_INT": False, "DOT_PREC": "tf32x3" if a == "fp32" else "tf32", **ce, **tiles}
+    phi = "fp16" if out == "fp16" else "bf16"
+    k = _compile(triton_linear._linear_kernel, _linear_types(a, out, phi=phi), constexprs, cc, warps, stages, not fused)
+    ptx = k.asm["ptx"]
+    assert k.metadata.shared <= SMEM_LIMIT[cc], f"{name}: {k.metadata.shared} B of shared memory on sm_{cc}"
+    if ce["A_SRC"]:
+        assert "s32.s8.s8" in ptx, "int8 tensor-core MMA expected"
+        if cc == 90 and tiles["BLOCK_M"] >= 64:
+            assert "wgmma" in ptx
+    if fused:  # exact quantization: IEEE division, no contraction, rounding constant kept
+        assert "div.rn.f32" in ptx and "fma.rn.f32" not in ptx and "0f4B400000" in ptx
+
+
+@pytest.mark.parametrize("cc", CCS)
+@pytest.mark.parametrize(("x", "phi", "layout", "phi_r"), QUANT_VARIANTS)
+def test_compile_act_quant(cc: int, x: str, phi: str, layout: int, phi_r: int) -> None:
+    from qvgen_kernels import triton_linear
+
+    types = {n: "i32" for n in ("M", "K", "stride_xm", "stride_qm", "HALF", "stride_pd", "stride_tm", "R")}
+    types.update(
+        x_ptr=f"*{x}", lo_ptr="*fp32", hi_ptr="*fp32", q_ptr="*u8" if layout == 0 else "*i8", scale_ptr="*fp32",
+        zero_ptr="*fp32", qsum_ptr="*i32", pd_ptr=f"*{phi}", t_ptr="*fp32",
+    )  # fmt: skip
+    ce = {"BITS": 4 if layout != 1 else 8, "LAYOUT": layout, "PHI_R": phi_r, "BLOCK_M": 16, "BLOCK_K": 256}
+    k = _compile(triton_linear._act_quant_kernel, types, ce, cc, 4, 3, False)
+    ptx = k.asm["ptx"]
+    assert "div.rn.f32" in ptx and "fma.rn.f32" not in ptx and "0f4B400000" in ptx
+
+
+# (mode A_SRC, compile target): the int8 path's tile lists. sm_89 lowers like sm_80 (mma.sync); only its
+# shared memory is smaller. The fused and weight-only lists' preferred tiles are compiled above; the
+# autotuner skips any other tile that fails to build or to fit.
+SWEEPS = [(1, 90), (1, 80)]
+
+
+@pytest.mark.parametrize(("a_src", "cc"), SWEEPS)
+def test_compile_every_autotune_config(a_src: int, cc: int) -> None:
+    """Every autotune tile of a mode lowers; the preferred one fits each target's shared memory."""
+    from qvgen_kernels import triton_linear
+
+    bits = {"W_BITS": 4, "A_BITS": 0 if a_src == 0 else 4, "A_SRC": a_src}
+    ce = {**bits, "HAS_BIAS": True, "PHI_R": 0, "OUT_INT": False, "DOT_PREC": "tf32"}
+    a = "bf16" if a_src != 1 else "i8"
+    shared = []
+    for cfg in triton_linear.configs_for(a_src, cc >= 90):
+        k = _compile(
+            triton_linear._linear_kernel, _linear_types(a, "bf16"), {**ce, **cfg.kwargs}, cc,
+            cfg.num_warps, cfg.num_stages, a_src != 2,
+        )  # fmt: skip
+        shared.append(k.metadata.shared)
+    targets = [cc] if cc >= 90 else [80, 89]
+    for target in targets:
+        assert shared[0] <= SMEM_LIMIT[target]
+        assert sum(s <= SMEM_LIMIT[target] for s in shared) >= len(shared) // 2
+
+
+# ---------------------------------------------------------------------------------------------
+# on a CUDA GPU
+# ---------------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(("w_bits", "a_bits"), [(4, 4), (4, 8), (8, 8), (4, None)])
+@pytest.mark.parametrize(("m", "rank"), [(1, 0), (48, 0), (1000, 0), (1000, 32)])
+def test_gpu_matches_reference(w_bits: int, a_bits: int | None, m: int, rank: int) -> None:
+    k, n = 1536, 1544
+    layer = {
+        key: (v.cuda() if isinstance(v, torch.Tensor) else v)
+        for key, v in make_layer(n, k, w_bits, rank=rank, phi_dtype=torch.bfloat16).items()
+    }
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    q_ref = reference.quantize_activation(x, 0.9, 0.9, a_bits or 4)
+    q_gpu = qk.quantize_activation(x, 0.9, 0.9, a_bits or 4, backend="triton")
+    assert all(torch.equal(g, r) for g, r in zip(q_gpu, q_ref, strict=True))
+    y = call(qk.quantized_linear, x, layer, k, w_bits, a_bits, clip_lo=0.9, clip_hi=0.9, backend="triton")
+    y_ref = call(
+        reference.quantized_linear, x, layer, k, w_bits, a_bits, clip_lo=0.9, clip_hi=0.9, out_dtype=torch.float64
+    )
+    assert_matches(y, y_ref, torch.bfloat16)
