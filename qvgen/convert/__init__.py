@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import QVGenConfig
-from .layers import PackedLinear, QVGenLinear
-from .timestep import TimestepState, attach_timestep_hook
-from .transforms import rotate, uses_smoothing
+from ..config import QVGenConfig
+from ..layers import PackedLinear, QVGenLinear
+from ..timestep import TimestepState, attach_timestep_hook
+from ..transforms import rotate, uses_smoothing
 
 STATE_ATTR = "_qvgen_timestep_state"
 
@@ -217,9 +217,3 @@ def quantized_layers(model: nn.Module) -> dict[str, QVGenLinear | PackedLinear]:
 def current_rank(model: nn.Module) -> int:
     """Largest live Φ rank over the model's quantized layers (0 when Φ is gone)."""
     return max((m.rank for m in quantized_layers(model).values()), default=0)
-
-
-if __name__ == "__main__":
-    from .convert_official import main
-
-    raise SystemExit(main())
