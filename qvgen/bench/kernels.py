@@ -1,0 +1,338 @@
+"""Time the quantized linear layer (W4A4 by default, activation quantization included) against
+the float baseline measured in the same process, over the linear-layer shapes of Wan 2.1.
+
+On CUDA the baseline is a bf16 `F.linear` (cuBLAS) and ours the Triton path; on CPU the
+baseline is an fp32 `nn.Linear` (with bf16 alongside) and ours the `cpu` backend. When
+`comfy_kitchen` is importable its `int8_linear` and `convrot_w4a4_linear` are timed too.
+
+Examples:
+  python -m qvgen.bench kernels                       # CPU: small token counts, < 1 min
+  python -m qvgen.bench kernels --models 1.3b,14b --tokens 32760,8192,512 --json out.json
+  python -m qvgen.bench kernels --shapes 1536x1536 --tokens 4096 --min-time 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+HELP = "quantized linear layer vs float matmul over Wan 2.1 layer shapes"
+
+# Wan 2.1 transformer widths: model dim, FFN dim, text-encoder (umT5) dim
+MODELS = {
+    "1.3b": {"dim": 1536, "ffn": 8960, "text": 4096},
+    "14b": {"dim": 5120, "ffn": 13824, "text": 4096},
+}
+WAN_480P_81F_TOKENS = 32760  # 21 latent frames × 30 × 52 patches
+GPU_TOKENS = (WAN_480P_81F_TOKENS, 8192, 512, 16)
+CPU_TOKENS = (512, 4096)
+
+
+def layer_shapes(model: str) -> list[tuple[str, int, int]]:
+    """(layer, K in, N out) of one Wan block's linear layers (+ the text projection)."""
+    d = MODELS[model]
+    return [
+        ("attn q/k/v/o", d["dim"], d["dim"]),
+        ("ffn up", d["dim"], d["ffn"]),
+        ("ffn down", d["ffn"], d["dim"]),
+        ("text proj", d["text"], d["dim"]),
+    ]
+
+
+@dataclass
+class Row:
+    model: str
+    layer: str
+    m: int
+    k: int
+    n: int
+    weight_mb_float: float
+    weight_mb_packed: float
+    baseline: str
+    baseline_ms: float
+    ours_ms: float
+    speedup: float
+    ours_tops: float
+    extra_ms: dict[str, float | None] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------
+def time_ms(fn: Callable[[], object], device: torch.device, min_time: float, warmup: int = 1) -> float:
+    """Median time of `fn` in ms: CUDA events on GPU, wall clock on CPU, ≥ `min_time` s of runs."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        times: list[float] = []
+        total = 0.0
+        while total < min_time * 1e3 or len(times) < 3:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+            total += times[-1]
+        return statistics.median(times)
+    times = []
+    total = 0.0
+    while total < min_time or not times:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        total += times[-1]
+    return statistics.median(times) * 1e3
+
+
+# ---------------------------------------------------------------------------------------------
+# layers
+# ---------------------------------------------------------------------------------------------
+def make_packed_layer(n: int, k: int, w_bits: int, rank: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """A random layer in the QVGen packed format (the values do not affect the timing)."""
+    from qvgen.kernels_import import qvgen_kernels as qk
+
+    q = torch.randint(0, 2**w_bits, (n, k), dtype=torch.uint8)
+    layer = {
+        "qweight": qk.pack_weight(q, w_bits).to(device),
+        "w_scale": (torch.rand(n) * 0.01 + 1e-3).to(device),
+        "w_zero": (torch.rand(n) * (2**w_bits - 1)).to(device),
+        "w_qsum": q.to(torch.int32).sum(1).to(torch.int32).to(device),
+        "bias": torch.randn(n, device=device, dtype=dtype),
+        "phi_down": None,
+        "phi_up": None,
+    }
+    if rank:
+        layer["phi_down"] = torch.randn(rank, k, device=device, dtype=dtype) * 0.01
+        layer["phi_up"] = torch.randn(n, rank, device=device, dtype=dtype) * 0.01
+    return layer
+
+
+def comfy_kitchen_fns(w: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], object] | None]:
+    """comfy-kitchen's `int8_linear` and `convrot_w4a4_linear` on the same shape, if importable."""
+    try:
+        import comfy_kitchen as ck
+    except Exception:  # not installed, or its native parts fail to load
+        return {}
+    out: dict[str, Callable[[], object] | None] = {}
+    try:
+        wq, ws = ck.quantize_int8_rowwise(w)
+        out["ck int8_linear"] = lambda: ck.int8_linear(x, wq, ws, bias, out_dtype=x.dtype)
+        out["ck int8_linear"]()
+    except Exception:
+        out["ck int8_linear"] = None
+    try:
+        cq, cs = ck.quantize_convrot_w4a4_weight(w)
+        out["ck convrot_w4a4"] = lambda: ck.convrot_w4a4_linear(x, cq, cs, bias)
+        out["ck convrot_w4a4"]()
+    except Exception:
+        out["ck convrot_w4a4"] = None
+    return out
+
+
+def bench_case(
+    model: str,
+    layer: str,
+    m: int,
+    k: int,
+    n: int,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> Row:
+    from qvgen.kernels_import import qvgen_kernels as qk
+
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
+    bias = torch.randn(n, device=device, dtype=dtype)
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    packed = make_packed_layer(n, k, args.w_bits, args.rank, device, dtype)
+
+    def ours() -> torch.Tensor:
+        return qk.quantized_linear(
+            x,
+            packed["qweight"],
+            packed["w_scale"],
+            packed["w_zero"],
+            packed["w_qsum"],
+            packed["bias"],
+            in_features=k,
+            w_bits=args.w_bits,
+            a_bits=args.a_bits,
+            clip_lo=0.9025,
+            clip_hi=0.9025,
+            phi_down=packed["phi_down"],
+            phi_up=packed["phi_up"],
+            backend=args.backend,
+        )
+
+    with torch.inference_mode():
+        base_ms = time_ms(lambda: F.linear(x, w, bias), device, args.min_time)
+        ours_ms = time_ms(ours, device, args.min_time)
+        extra: dict[str, float | None] = {}
+        if not gpu and not args.no_bf16:
+            xb, wb, bb = x.bfloat16(), w.bfloat16(), bias.bfloat16()
+            extra["bf16 linear"] = time_ms(lambda: F.linear(xb, wb, bb), device, args.min_time)
+        if args.a_bits is not None:
+            a_bits = args.a_bits
+            extra["act quant"] = time_ms(lambda: qk.quantize_activation(x, 0.9, 0.9, a_bits), device, args.min_time)
+        if not args.no_comfy:
+            ck_x = x if gpu else x.bfloat16()
+            for name, fn in comfy_kitchen_fns(w.to(ck_x.dtype), bias.to(ck_x.dtype), ck_x).items():
+                extra[name] = None if fn is None else time_ms(fn, device, args.min_time)
+    flops = 2.0 * m * n * k
+    packed_bytes = packed["qweight"].numel() + 12 * n  # + scale, zero point, Σq per channel
+    return Row(
+        model=model,
+        layer=layer,
+        m=m,
+        k=k,
+        n=n,
+        weight_mb_float=n * k * w.element_size() / 2**20,
+        weight_mb_packed=packed_bytes / 2**20,
+        baseline=f"{'bf16' if gpu else 'fp32'} F.linear",
+        baseline_ms=base_ms,
+        ours_ms=ours_ms,
+        speedup=base_ms / ours_ms,
+        ours_tops=flops / (ours_ms * 1e-3) / 1e12,
+        extra_ms=extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def machine(device: torch.device) -> dict[str, object]:
+    info: dict[str, object] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def markdown(rows: list[Row], ours_label: str) -> str:
+    extras = sorted({k for r in rows for k in r.extra_ms})
+    head = ["model", "layer", "M", "K", "N", "weights MB (float → packed)", rows[0].baseline + " ms"]
+    head += [f"{ours_label} ms", "speed-up", "TOPS"] + [f"{e} ms" for e in extras]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r.model,
+            r.layer,
+            str(r.m),
+            str(r.k),
+            str(r.n),
+            f"{r.weight_mb_float:.1f} → {r.weight_mb_packed:.1f}",
+            f"{r.baseline_ms:.3f}",
+            f"{r.ours_ms:.3f}",
+            f"{r.speedup:.2f}×",
+            f"{r.ours_tops:.2f}",
+        ]
+        for e in extras:
+            v = r.extra_ms.get(e, "")
+            cells.append("n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--models", default="1.3b", help=f"comma-separated Wan 2.1 sizes: {', '.join(MODELS)}")
+    p.add_argument("--shapes", default=None, help="custom KxN list, e.g. 1536x1536,1536x8960 (replaces --models)")
+    p.add_argument(
+        "--tokens", type=_ints, default=None,
+        help=f"token counts M (default GPU: {','.join(map(str, GPU_TOKENS))}; CPU: {','.join(map(str, CPU_TOKENS))})",
+    )  # fmt: skip
+    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--a-bits", type=lambda v: None if v.lower() in ("none", "16") else int(v), default=4,
+                   help="activation bits, or none for weight-only")  # fmt: skip
+    p.add_argument("--rank", type=int, default=0, help="Φ rank (0: the finished QVGen model)")
+    p.add_argument("--backend", default="auto", help="qvgen_kernels backend: auto, triton, cpu, torch")
+    p.add_argument("--min-time", type=float, default=None, help="seconds of timed runs per measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-bf16", action="store_true", help="CPU: skip the bf16 baseline column")
+    p.add_argument("--no-comfy", action="store_true", help="skip comfy-kitchen even if importable")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    tokens = args.tokens or list(GPU_TOKENS if gpu else CPU_TOKENS)
+    if args.min_time is None:
+        args.min_time = 0.2 if gpu else 0.3
+    if args.shapes:
+        cases = [("custom", f"{k}x{n}", int(k), int(n)) for k, n in (s.split("x") for s in args.shapes.split(","))]
+    else:
+        cases = [(mdl, name, k, n) for mdl in args.models.split(",") for name, k, n in layer_shapes(mdl.strip())]
+
+    from qvgen.kernels_import import qvgen_kernels as qk
+
+    backend = qk.resolve_backend(args.backend, device)
+    label = f"W{args.w_bits}A{args.a_bits or 16}" + (f"+Φ{args.rank}" if args.rank else "") + f" ({backend})"
+    info = machine(device)
+    print(f"# qvgen kernels benchmark — {info.get('gpu', info['cpu'])}, torch {info['torch']}, "
+          f"{info['cpu_threads']} CPU threads, backend {backend}")  # fmt: skip
+    rows: list[Row] = []
+    t0 = time.perf_counter()
+    for model, layer, k, n in cases:
+        for m in tokens:
+            rows.append(bench_case(model, layer, m, k, n, args, device))
+            r = rows[-1]
+            print(f"  {model} {layer} M={m} K={k} N={n}: {r.baseline_ms:.3f} ms → {r.ours_ms:.3f} ms "
+                  f"({r.speedup:.2f}×)", flush=True)  # fmt: skip
+    print()
+    print(markdown(rows, label))
+    print(f"\n({time.perf_counter() - t0:.1f} s; ratios are against the baseline timed in this process)")
+    if args.json:
+        payload = {"machine": info, "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                   "label": label, "rows": [asdict(r) for r in rows]}  # fmt: skip
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+    return 0
