@@ -248,8 +248,8 @@ def _linear_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_c = tl.max_contiguous(tl.multiple_of(rows % M, BLOCK_M), BLOCK_M)  # in-bounds loads, no masks
-    cols_c = tl.max_contiguous(tl.multiple_of(cols % N, BLOCK_N), BLOCK_N)
+    rows_c = tl.minimum(rows, M - 1)  # clamped: every load in bounds without masks; stores are masked
+    cols_c = tl.minimum(cols, N - 1)
     a_row = rows_c.to(tl.int64) * stride_am
     w_col = cols_c.to(tl.int64) * stride_wn
 
