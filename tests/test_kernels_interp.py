@@ -32,7 +32,8 @@ if not INTERPRETING:
         """Run this file again with the interpreter on; its failures are reported here."""
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         env.pop("QVGEN_KERNEL_BACKEND", None)
-        cmd = [sys.executable, "-m", "pytest", __file__, "-q", "--noconftest", "-p", "no:cacheprovider"]
+        cmd = [sys.executable, "-m", "pytest", __file__, "-o", "addopts=--import-mode=importlib", "-q", "--noconftest"]
+        cmd += ["-p", "no:cacheprovider"]
         res = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
         tail = (res.stdout + res.stderr)[-6000:]
         assert res.returncode == 0, tail
