@@ -1,0 +1,288 @@
+"""QVGen's custom operations for ComfyUI: the one seam between QVGen layers and ComfyUI models.
+
+ComfyUI builds every model through an *operations* class (`comfy.ops.*`): the Wan model calls
+`operations.Linear(in, out, device=, dtype=)` for each linear layer. `make_ops` returns such a
+class whose `Linear` is a QVGen `PackedLinear` that ComfyUI can drive like its own layers, so
+ComfyUI's model detection, `ModelPatcher` (offload, `--lowvram`, LoRA patches), `ModelSamplingSD3`,
+`KSampler` and the rest keep working unchanged (the way ComfyUI-GGUF supplies its own ops).
+
+Why this route and not ComfyUI's native quantized tensors (`QUANTIZATION.md`: `QuantizedTensor`
+layouts picked by `MixedPrecisionOps` from a `_quantization_metadata` entry): that mechanism
+selects layouts from a closed list (`QUANT_ALGOS` in `comfy/quant_ops.py`) and describes a layer
+by a weight plus at most four static scales (`weight_scale`, `weight_scale_2`, `pre_quant_scale`,
+`input_scale`). A QVGen layer needs more than that: a *real* zero point, dynamic per-token
+activation quantization with learned clipping factors chosen by the current timestep, an optional
+low-rank branch Φ and an input rotation. Expressing that as a tensor layout would mean
+registering a third-party layout in ComfyUI's internal registry and smuggling the timestep into a
+tensor subclass; and the mechanism exists only in ComfyUI releases from late 2025 on. A custom
+operations class handed to `comfy.sd.load_diffusion_model_state_dict(..., model_options=
+{"custom_operations": ops})` is a documented, stable argument that works on old and new releases
+alike, and keeps all QVGen arithmetic in `qvgen.layers.PackedLinear` and `qvgen_kernels`.
+
+How ComfyUI's machinery meets a packed layer:
+- Loading: `_load_from_state_dict` takes the packed tensors (`qweight`, `weight_scale`, …) as
+  they are; a layer that the checkpoint keeps in full precision loads `weight`/`bias` normally.
+  Nothing is allocated at construction, so no full-precision copy of the model ever exists.
+- Devices: the packed tensors are frozen parameters, so `ModelPatcher` moves, offloads and sizes
+  them like any weight. A layer left on the offload device by `--lowvram` runs with temporary
+  copies of its tensors on the input's device (ComfyUI's "cast weights" contract).
+- LoRA and other weight patches: `ModelPatcher` patches `<layer>.weight` through the layer's
+  `convert_weight`/`set_weight` hooks (the hooks ComfyUI's scaled-fp8 ops use). `convert_weight`
+  hands ComfyUI the dequantized weight; `set_weight` stores the *difference* the patches made as
+  a low-rank factor pair (a dense matrix if it is not low-rank) in the layer's `weight` slot, which
+  otherwise holds an empty placeholder. The forward adds `x Δᵀ` to the W4A4 product, in the
+  compute dtype. Unpatching restores the placeholder, as for any ComfyUI weight.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qvgen.config import QVGenConfig
+from qvgen.layers import PackedLinear
+from qvgen.timestep import TimestepState
+from qvgen.transforms import hadamard_block
+
+PACKED_KEYS = (
+    "qweight",
+    "weight_scale",
+    "weight_zero",
+    "weight_qsum",
+    "act_clip",
+    "bias",
+    "phi_down",
+    "phi_up",
+    "input_signs",
+    "smooth",
+)
+LORA_MAX_RANK = 128  # a patch delta needing more components is kept dense
+LORA_REL_TOL = 1e-3  # relative Frobenius error allowed when factoring a patch delta
+
+
+@dataclass
+class OpsSettings:
+    """What every QVGen layer of one model shares."""
+
+    config: QVGenConfig
+    backend: str = "auto"
+    timestep_state: TimestepState | None = None
+    lora_max_rank: int = LORA_MAX_RANK
+    layers: list[nn.Module] = field(default_factory=list)  # quantized layers, filled while loading
+
+
+class LayerLoadError(ValueError):
+    """A layer's tensors do not fit the ComfyUI model built for them."""
+
+
+# ---- patch deltas (LoRA etc.) ----------------------------------------------------------------
+def encode_delta(delta: Tensor, max_rank: int, dtype: torch.dtype) -> Tensor:
+    """Store a weight difference (out, in) compactly: an empty tensor when it is zero, the low-rank
+    factors `[Uᵀ | D]` of shape (r, out + in) (Δ ≈ U D) when few components carry it, else dense."""
+    out_f, in_f = delta.shape
+    delta = delta.float()
+    total = torch.linalg.matrix_norm(delta)
+    if float(total) == 0.0:
+        return torch.empty(0, dtype=dtype, device=delta.device)
+    n = min(out_f, in_f)
+    q = min(max_rank + 8, n)
+    if q >= n // 2:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    else:
+        u, s, v = torch.svd_lowrank(delta, q=q, niter=4)
+        vh = v.T
+    # smallest rank whose residual ‖Δ − Δ_r‖_F is within tolerance (residual² = ‖Δ‖² − Σ s_i²)
+    resid = (total.square() - torch.cumsum(s.square(), 0)).clamp(min=0).sqrt()
+    ok = torch.nonzero(resid <= LORA_REL_TOL * total)
+    if ok.numel() == 0 or int(ok[0]) + 1 > max_rank:
+        return delta.to(dtype)
+    r = int(ok[0]) + 1
+    root = s[:r].sqrt()
+    up = u[:, :r] * root  # (out, r)
+    down = root[:, None] * vh[:r]  # (r, in)
+    return torch.cat([up.T, down], dim=1).to(dtype)
+
+
+def decode_delta(enc: Tensor, out_features: int, in_features: int) -> Tensor | None:
+    """The dense (out, in) difference an encoded delta stands for (None when empty)."""
+    if enc.numel() == 0:
+        return None
+    if tuple(enc.shape) == (out_features, in_features):
+        return enc
+    up, down = enc[:, :out_features].T, enc[:, out_features:]
+    return up.float() @ down.float()
+
+
+def apply_delta(x: Tensor, enc: Tensor, out_features: int) -> Tensor:
+    """`x Δᵀ` for an encoded delta, in x's dtype."""
+    enc = enc.to(device=x.device, dtype=x.dtype)
+    if tuple(enc.shape) == (out_features, x.shape[-1]):  # dense; factors are (r, out + in), never this shape
+        return F.linear(x, enc)
+    up, down = enc[:, :out_features].T, enc[:, out_features:]
+    return F.linear(F.linear(x, down), up)
+
+
+# ---- the operations class ---------------------------------------------------------------------
+def make_ops(base_ops: type, settings: OpsSettings) -> type:
+    """A ComfyUI operations class: `base_ops` (e.g. `comfy.ops.manual_cast`) with QVGen's `Linear`."""
+    linear = make_linear_class(base_ops.Linear, settings)
+    return type("QVGenOps", (base_ops,), {"Linear": linear, "qvgen_settings": settings})
+
+
+def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
+    """`PackedLinear` that is also a ComfyUI linear op (`base_linear`, e.g. `comfy.ops.manual_cast.Linear`).
+
+    It is a plain ComfyUI linear until its state dict shows packed tensors; then it is a QVGen layer.
+    """
+
+    class QVGenLinear(PackedLinear, base_linear):  # PackedLinear first: its attributes and methods win
+        qvgen_settings = settings
+
+        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, **_kwargs):
+            nn.Module.__init__(self)  # allocate nothing: the state dict brings the tensors
+            self.in_features, self.out_features = in_features, out_features
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+            for key in PACKED_KEYS:
+                self.register_parameter(key, None)
+            self.quantized = False
+            self.compute_dtype = dtype or torch.float32
+            self.timestep_state = settings.timestep_state
+            self.backend = settings.backend
+            self._lowvram_delta: tuple[Any, Tensor] | None = None
+
+        # ---- loading ------------------------------------------------------------------------
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+            mine = {k[len(prefix) :]: k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix) :]}
+            if "qweight" in mine:
+                tensors = {name: state_dict[key] for name, key in mine.items() if name in PACKED_KEYS}
+                try:
+                    self.load_packed(tensors, name=prefix.rstrip("."))
+                except LayerLoadError as e:
+                    errors.append(str(e))
+                unexpected.extend(key for name, key in mine.items() if name not in PACKED_KEYS + ("weight",))
+                return
+            for name in ("weight", "bias"):
+                if name in mine:
+                    setattr(self, name, nn.Parameter(state_dict[mine[name]], requires_grad=False))
+                elif name == "weight":
+                    missing.append(prefix + "weight")
+            unexpected.extend(key for name, key in mine.items() if name not in ("weight", "bias"))
+
+        def load_packed(self, tensors: dict[str, Tensor], name: str = "") -> None:
+            """Become a QVGen layer with these packed tensors (docs/format.md), taken without copies."""
+            cfg = settings.config
+            q = tensors["qweight"]
+            k = q.shape[1] * 2 if cfg.weight_bits <= 4 else q.shape[1]
+            if q.shape[0] != self.out_features or k not in (self.in_features, self.in_features + 1):
+                raise LayerLoadError(
+                    f"layer '{name}': packed weight {tuple(q.shape)} ({cfg.weight_bits}-bit) does not fit a "
+                    f"{self.in_features} → {self.out_features} linear layer of the ComfyUI model"
+                )
+            self.weight_bits, self.act_bits = cfg.weight_bits, cfg.act_bits
+            self.transform = cfg.input_transform
+            self.rot_block = hadamard_block(self.in_features, cfg.hadamard_block)
+            for key in PACKED_KEYS:
+                t = tensors.get(key)
+                self.register_parameter(key, None if t is None else nn.Parameter(t, requires_grad=False))
+            if cfg.act_bits is not None and self.act_clip is None:
+                raise LayerLoadError(f"layer '{name}': act_bits={cfg.act_bits} but no act_clip tensor")
+            # The `weight` slot: an empty placeholder ComfyUI can back up, patch and restore.
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.compute_dtype, device=q.device), requires_grad=False)
+            self.quantized = True
+            settings.layers.append(self)
+
+        # ---- ComfyUI patch hooks (see module docstring) -------------------------------------
+        def _dequantized(self, device: torch.device) -> Tensor:
+            shell = self._on_device(device) if self.qweight.device != device else self
+            return PackedLinear.dequantize_weight(shell, torch.float32)
+
+        def convert_weight(self, weight: Tensor, inplace: bool = False, **kwargs) -> Tensor:
+            if not self.quantized:
+                return weight
+            w = self._dequantized(weight.device)
+            d = decode_delta(weight, self.out_features, self.in_features)
+            return w if d is None else w + d.to(w.device, torch.float32)
+
+        def set_weight(
+            self, weight: Tensor, inplace_update: bool = False, seed: Any = None, return_weight: bool = False, **kwargs
+        ):
+            if not self.quantized:
+                if return_weight:
+                    return weight
+                self.weight = nn.Parameter(weight.to(self.weight.dtype), requires_grad=False)
+                return None
+            enc = encode_delta(
+                weight.float() - self._dequantized(weight.device), settings.lora_max_rank, self.compute_dtype
+            )
+            if return_weight:
+                return enc
+            self.weight = nn.Parameter(enc, requires_grad=False)
+            return None
+
+        # ---- forward ------------------------------------------------------------------------
+        def _on_device(self, device: torch.device) -> QVGenLinear:
+            """A shallow copy whose tensors live on `device` (the original is left where it is)."""
+            shell = copy.copy(self)
+            shell._parameters = {
+                k: (None if v is None else v.to(device, non_blocking=True)) for k, v in self._parameters.items()
+            }
+            return shell
+
+        def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+            if not self.quantized:
+                return base_linear.forward(self, x, *args, **kwargs)
+            bias_fns = getattr(self, "bias_function", None) or []
+            layer = self._on_device(x.device) if (self.qweight.device != x.device or bias_fns) else self
+            if bias_fns and layer.bias is not None:
+                b = layer.bias
+                for f in bias_fns:
+                    b = f(b)
+                layer._parameters["bias"] = b
+            y = PackedLinear.forward(layer, x)
+            delta = self._patch_delta(layer.weight)
+            if delta is not None and delta.numel():
+                y = y + apply_delta(x, delta, self.out_features)
+            return y
+
+        def _patch_delta(self, delta: Tensor | None) -> Tensor | None:
+            fns = getattr(self, "weight_function", None) or []
+            for f in fns:
+                # ComfyUI's LowVramPatch re-applies the patches on every call; factoring the result
+                # each time would be slow, so reuse it while the patch list is the same object.
+                plist = getattr(f, "patches", {}).get(getattr(f, "key", None)) if hasattr(f, "patches") else None
+                if plist is not None and self._lowvram_delta is not None and self._lowvram_delta[0] is plist:
+                    delta = self._lowvram_delta[1]
+                    continue
+                delta = f(delta)
+                if plist is not None:
+                    self._lowvram_delta = (plist, delta)
+            return delta
+
+        def extra_repr(self) -> str:
+            if not self.quantized:
+                return f"in={self.in_features}, out={self.out_features}, full precision"
+            return PackedLinear.extra_repr(self) + f", backend={self.backend}"
+
+    QVGenLinear.__qualname__ = QVGenLinear.__name__ = "QVGenLinear"
+    return QVGenLinear
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The QVGen layers of a ComfyUI model (module path → layer)."""
+    return {n: m for n, m in model.named_modules() if getattr(m, "quantized", False) and isinstance(m, PackedLinear)}
+
+
+def packed_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for m in quantized_layers(model).values() for p in m.parameters())
+
+
+def describe(model: nn.Module) -> str:
+    layers = quantized_layers(model)
+    size = packed_bytes(model)
+    return f"{len(layers)} QVGen layers, {size / 2**20:.1f} MiB packed"

@@ -1,0 +1,446 @@
+"""Integration tests against a real ComfyUI (skipped unless COMFYUI_PATH points at a checkout).
+
+Two kinds, both described in docs/comfyui.md ("Integration tests"):
+
+- server tests: ComfyUI is started on loopback with this repository and `tests/comfy_test_pack`
+  linked into a temporary `custom_nodes/`, and tiny Wan checkpoints made here in its
+  `models/`. They check that the pack loads, that `/object_info` lists the nodes, and run
+  API-format prompts through the loader / quantize node, `ModelSamplingSD3`, a LoRA loader and
+  `KSampler` to saved latents. ComfyUI runs in `COMFYUI_PYTHON` (default: this interpreter).
+- in-process tests (need ComfyUI importable in this interpreter): the model ComfyUI builds with
+  QVGen's layers against the diffusers reference, LoRA patching and `--lowvram`-style offload.
+
+    COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/test_comfyui_integration.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+START_TIMEOUT = float(os.environ.get("COMFYUI_START_TIMEOUT", "180"))
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run the integration tests"),
+]
+
+if COMFYUI_PATH:  # ComfyUI's environment may carry a torchvision that needs the launcher's workaround
+    _spec = importlib.util.spec_from_file_location("comfyui_launch", REPO / "scripts" / "comfyui_launch.py")
+    _launch = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_launch)
+    _launch._torchvision_workaround()
+
+QVGEN_FILE = "qvgen_tiny_w4a4.safetensors"
+FP_FILE = "wan_tiny_fp.safetensors"
+HUB_REPO = "qvgen-test/tiny-wan-w4a4"
+LORA_FILE = "qvgen_tiny_lora.safetensors"
+
+
+def import_qvgen_nodes():
+    """`qvgen_nodes` from this checkout (it is the node pack, not an installed package)."""
+    if "qvgen_nodes" in sys.modules:
+        return sys.modules["qvgen_nodes"]
+    folder = REPO / "qvgen_nodes"
+    spec = importlib.util.spec_from_file_location(
+        "qvgen_nodes", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["qvgen_nodes"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- tiny models ------------------------------------------------------------------------------
+def tiny_wan(seed: int = 0):
+    """The smallest diffusers Wan 2.1 T2V that ComfyUI's detection accepts (dim 128 = 1 head × 128,
+    text_dim 4096, 16 latent channels, patch (1, 2, 2))."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=1,
+        attention_head_dim=128,
+        in_channels=16,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=256,
+        num_layers=2,
+    )
+
+
+def make_qvgen_checkpoint(path: Path, *, n_buckets: int = 4, transform: str = "none", rank: int = 0) -> Path:
+    from qvgen import QVGenConfig, convert_model, save_quantized
+    from qvgen.layers import QVGenLinear
+
+    model = tiny_wan()
+    cfg = QVGenConfig(rank=rank, n_buckets=n_buckets, input_transform=transform)
+    convert_model(model, cfg, progress=False)
+    with torch.no_grad():  # distinct clipping factors per bucket, so a wrong bucket shows
+        for m in model.modules():
+            if isinstance(m, QVGenLinear):
+                m.act_quantizer.clip_logits.copy_(torch.linspace(0.5, 4.0, n_buckets)[:, None].repeat(1, 2))
+    return save_quantized(model, cfg, path, dtype=torch.float32)
+
+
+def make_fp_checkpoint(path: Path) -> Path:
+    """The same tiny model in full precision, under ComfyUI's names (what UNETLoader reads)."""
+    from safetensors.torch import save_file
+
+    from qvgen.comfy_names import to_comfy_state_dict
+
+    sd = {k: v.contiguous() for k, v in to_comfy_state_dict(tiny_wan().state_dict()).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def make_lora(path: Path, rank: int = 4) -> dict[str, torch.Tensor]:
+    """A rank-4 LoRA on every self-attention q/k/v/o of the tiny model (ComfyUI's generic LoRA keys)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(7)
+    sd = {}
+    for b in range(2):
+        for p in ("q", "k", "v", "o"):
+            key = f"diffusion_model.blocks.{b}.self_attn.{p}"
+            sd[f"{key}.lora_up.weight"] = torch.randn(128, rank, generator=g) * 0.05
+            sd[f"{key}.lora_down.weight"] = torch.randn(rank, 128, generator=g) * 0.05
+            sd[f"{key}.alpha"] = torch.tensor(float(rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return sd
+
+
+# ---- a ComfyUI server -------------------------------------------------------------------------
+class Server:
+    def __init__(self, base: Path, port: int, proc: subprocess.Popen, log: Path) -> None:
+        self.base, self.port, self.proc, self.log = base, port, proc, log
+        self.url = f"http://127.0.0.1:{port}"
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, payload: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run(self, prompt: dict, timeout: float = 120.0) -> dict:
+        """Queue an API-format prompt and wait for its history entry."""
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "qvgen-tests"})
+        assert status == 200, f"prompt rejected ({status}): {json.dumps(body)[:2000]}"
+        pid = body["prompt_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hist = self.get(f"/history/{pid}")
+            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                if hist[pid]["status"].get("status_str") in ("success", "error"):
+                    return hist[pid]
+            time.sleep(0.2)
+        raise AssertionError(f"prompt {pid} did not finish in {timeout}s; log tail:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def comfy_home(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("comfyui_home")
+    nodes = base / "custom_nodes"
+    nodes.mkdir()
+    (nodes / "QVGen").symlink_to(REPO, target_is_directory=True)
+    (nodes / "qvgen_test_pack").symlink_to(REPO / "tests" / "comfy_test_pack", target_is_directory=True)
+    dm = base / "models" / "diffusion_models"
+    make_qvgen_checkpoint(dm / QVGEN_FILE)
+    make_fp_checkpoint(dm / FP_FILE)
+    make_lora(base / "models" / "loras" / LORA_FILE)
+    # What an earlier online run of the loader's repo_id download leaves behind.
+    hub_copy = dm / "qvgen" / HUB_REPO.replace("/", "--") / "comfyui" / "tiny.safetensors"
+    make_qvgen_checkpoint(hub_copy, n_buckets=1)
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(comfy_home):
+    port = _free_port()
+    log = comfy_home / "comfyui.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        COMFYUI_PYTHON,
+        str(REPO / "scripts" / "comfyui_launch.py"),
+        COMFYUI_PATH,
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--base-directory",
+        str(comfy_home),
+        "--disable-auto-launch",
+    ]
+    t0 = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    srv = Server(comfy_home, port, proc, log)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"ComfyUI exited with {proc.returncode}:\n{srv.log_tail()}")
+            try:
+                srv.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.monotonic() - t0 > START_TIMEOUT:
+                    raise AssertionError(f"ComfyUI did not answer within {START_TIMEOUT}s:\n{srv.log_tail()}") from None
+                time.sleep(0.5)
+        srv.startup_s = time.monotonic() - t0
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _latent_graph(model_node: dict, prefix: str, seed: int = 0, extra: dict | None = None) -> dict:
+    """model → ModelSamplingSD3 → KSampler (4 steps, uni_pc) with test conditioning → SaveLatent."""
+    g = {
+        "m": model_node,
+        "ms": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["m", 0], "shift": 8.0}},
+        "pos": {"class_type": "QVGenTestConditioning", "inputs": {"seed": 1, "tokens": 8, "scale": 0.1}},
+        "neg": {"class_type": "QVGenTestConditioning", "inputs": {"seed": 2, "tokens": 8, "scale": 0.1}},
+        "lat": {
+            "class_type": "EmptyHunyuanLatentVideo",
+            "inputs": {"width": 64, "height": 64, "length": 5, "batch_size": 1},
+        },
+        "ks": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["ms", 0],
+                "positive": ["pos", 0],
+                "negative": ["neg", 0],
+                "latent_image": ["lat", 0],
+                "seed": seed,
+                "steps": 4,
+                "cfg": 5.0,
+                "sampler_name": "uni_pc",
+                "scheduler": "simple",
+                "denoise": 1.0,
+            },
+        },
+        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["ks", 0], "filename_prefix": prefix}},
+    }
+    g.update(extra or {})
+    return g
+
+
+def _saved_latent(server: Server, entry: dict, node: str = "save") -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    item = entry["outputs"][node]["latents"][0]
+    path = server.base / "output" / item["subfolder"] / item["filename"]
+    return load_file(str(path))["latent_tensor"]
+
+
+# ---- server tests -----------------------------------------------------------------------------
+def test_pack_loads_and_object_info_lists_the_nodes(server):
+    info = server.get("/object_info")
+    for node_id in ("QVGenLoader", "QVGenQuantize", "QVGenTestConditioning"):
+        assert node_id in info, f"{node_id} missing from /object_info; log:\n{server.log_tail()}"
+    loader = info["QVGenLoader"]
+    assert loader["category"] == "QVGen" and loader["output"] == ["MODEL"] and loader["description"]
+    options = loader["input"]["required"]["checkpoint"]
+    names = options[1]["options"] if isinstance(options[0], str) else options[0]
+    assert QVGEN_FILE in names, names
+    assert FP_FILE not in names  # only QVGen checkpoints are offered
+    assert any(n.startswith("qvgen") and n.endswith("tiny.safetensors") for n in names)
+    assert set(loader["input"]["optional"]) == {"repo_id", "revision", "backend", "compute_dtype"}
+    assert info["QVGenQuantize"]["input"]["required"]["model"][0] == "MODEL"
+    log = server.log.read_text(errors="replace").splitlines()
+    ours = [line for line in log if "custom_nodes/QVGen" in line or "qvgen_test_pack" in line]
+    assert not [line for line in ours if "IMPORT FAILED" in line or "Cannot import" in line], ours
+    print(f"ComfyUI answered after {server.startup_s:.1f}s; pack import: {[line.strip() for line in ours]}")
+
+
+def test_loader_model_runs_through_ksampler(server):
+    t0 = time.monotonic()
+    entry = server.run(_latent_graph({"class_type": "QVGenLoader", "inputs": {"checkpoint": QVGEN_FILE}}, "qvgen/w4a4"))
+    latent = _saved_latent(server, entry)
+    assert latent.shape == (1, 16, 2, 8, 8) and torch.isfinite(latent).all()
+    print(f"QVGenLoader → KSampler (4 steps) → SaveLatent: {time.monotonic() - t0:.2f}s, std {latent.std():.3f}")
+
+
+def test_quantize_node_beside_full_precision_with_lora(server):
+    fp = {"class_type": "UNETLoader", "inputs": {"unet_name": FP_FILE, "weight_dtype": "default"}}
+    graph = _latent_graph(fp, "qvgen/fp")
+    quant = {
+        "q": {"class_type": "QVGenQuantize", "inputs": {"model": ["m", 0], "weight_bits": "4", "act_bits": "4"}},
+        "lora": {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": ["q", 0], "lora_name": LORA_FILE, "strength_model": 1.0},
+        },
+        "ms_q": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["lora", 0], "shift": 8.0}},
+        "ks_q": {"class_type": "KSampler", "inputs": {**graph["ks"]["inputs"], "model": ["ms_q", 0]}},
+        "save_q": {"class_type": "SaveLatent", "inputs": {"samples": ["ks_q", 0], "filename_prefix": "qvgen/rtn"}},
+    }
+    entry = server.run({**graph, **quant})
+    a, b = _saved_latent(server, entry, "save"), _saved_latent(server, entry, "save_q")
+    assert torch.isfinite(b).all() and a.shape == b.shape
+    rel = float((a - b).norm() / a.norm())
+    assert 0.0 < rel < 1.0, rel  # the quantized + LoRA branch differs from, but tracks, full precision
+    log = server.log.read_text(errors="replace")
+    assert "NOT LOADED" not in log, "LoRA keys were not matched to the quantized layers"
+
+    # the full-precision branch alone, run again, is unaffected by the quantized clone
+    again = _saved_latent(server, server.run(_latent_graph(fp, "qvgen/fp_again")))
+    assert torch.equal(a, again)
+
+
+def test_repo_id_offline_uses_the_earlier_download(server):
+    node = {"class_type": "QVGenLoader", "inputs": {"checkpoint": "none (use repo_id)", "repo_id": HUB_REPO}}
+    latent = _saved_latent(server, server.run(_latent_graph(node, "qvgen/hub")))
+    assert torch.isfinite(latent).all()
+
+
+def test_loader_errors_name_the_problem(server):
+    node = {"class_type": "QVGenLoader", "inputs": {"checkpoint": "none (use repo_id)", "repo_id": "nobody/missing"}}
+    entry = server.run(_latent_graph(node, "qvgen/err"))
+    assert entry["status"]["status_str"] == "error"
+    text = json.dumps(entry["status"]["messages"])
+    assert "not downloaded yet" in text and "HF_HUB_OFFLINE" in text, text[:2000]
+
+
+def test_committed_workflows_match_this_comfyui(server):
+    nodes = import_qvgen_nodes()
+    from importlib import import_module
+
+    check = import_module("qvgen_nodes.workflow_check")
+    info = server.get("/object_info")
+    for path in sorted((REPO / "workflows").glob("*.json")):
+        errors = check.check_workflow(json.loads(path.read_text()), check.defs_from_object_info(info))
+        assert not errors, f"{path.name}: {errors}"
+    assert nodes
+
+
+# ---- in-process tests (ComfyUI importable here) -----------------------------------------------
+def _import_comfy():
+    if str(Path(COMFYUI_PATH).resolve()) not in sys.path:
+        sys.path.insert(0, str(Path(COMFYUI_PATH).resolve()))
+    try:
+        import comfy.cli_args
+    except ImportError as e:
+        pytest.skip(f"ComfyUI's dependencies are not installed in this interpreter ({e})")
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import comfy.sd
+
+    return comfy
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    return _import_comfy()
+
+
+@pytest.mark.parametrize("transform,rank", [("none", 0), ("hadamard", 4)])
+def test_comfyui_model_matches_the_diffusers_reference(comfy, tmp_path, transform, rank):
+    from qvgen import load_quantized_model
+
+    nodes = import_qvgen_nodes()
+    from qvgen_nodes import loader
+
+    path = make_qvgen_checkpoint(tmp_path / "m.safetensors", transform=transform, rank=rank)
+    ref = load_quantized_model(path, dtype=torch.float32)
+    loaded = loader.load_model(path, compute_dtype="fp32")
+    dm = loaded.patcher.model.diffusion_model
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 16, 3, 8, 8, generator=g), torch.randn(2, 7, 4096, generator=g)
+    for t in ([900.0, 900.0], [100.0, 700.0]):  # one bucket for the batch; one per sample
+        with torch.no_grad():
+            a = ref(x, torch.tensor(t), ctx, return_dict=False)[0]
+            b = dm(x, torch.tensor(t), ctx)
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max(), t
+    assert nodes
+
+
+def test_lora_patches_quantized_layers_and_unpatches(comfy, tmp_path):
+    import comfy.sd
+    import comfy.utils
+
+    import_qvgen_nodes()
+    from qvgen_nodes import loader
+
+    path = make_qvgen_checkpoint(tmp_path / "m.safetensors")
+    lora = make_lora(tmp_path / "l.safetensors")
+    patcher = loader.load_model(path, compute_dtype="fp32").patcher
+    dm = patcher.model.diffusion_model
+    g = torch.Generator().manual_seed(3)
+    x, ctx, t = torch.randn(1, 16, 3, 8, 8, generator=g), torch.randn(1, 7, 4096, generator=g), torch.tensor([500.0])
+    with torch.no_grad():
+        base = dm(x, t, ctx)
+    patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 0.5, 0.0)
+
+    patched.patch_model()
+    layer = dm.blocks[0].self_attn.q
+    expected = (
+        0.5
+        * lora["diffusion_model.blocks.0.self_attn.q.lora_up.weight"]
+        @ (lora["diffusion_model.blocks.0.self_attn.q.lora_down.weight"])
+    )
+    from qvgen_nodes.ops import decode_delta
+
+    delta = decode_delta(layer.weight.float(), 128, 128)
+    assert delta is not None and torch.allclose(delta, expected, atol=1e-5)
+    assert layer.weight.shape == (4, 256)  # kept as rank-4 factors, not a dense matrix
+    with torch.no_grad():
+        full = dm(x, t, ctx)
+    assert (full - base).abs().max() > 1e-4
+    patched.unpatch_model()
+    assert layer.weight.numel() == 0
+    with torch.no_grad():
+        assert torch.equal(dm(x, t, ctx), base)
+
+    # --lowvram: modules left on the offload side get the patch through ComfyUI's LowVramPatch
+    patched.patch_model(lowvram_model_memory=1)
+    assert any(getattr(m, "weight_function", None) for m in dm.modules())
+    with torch.no_grad():
+        low = dm(x, t, ctx)
+        low2 = dm(x, t, ctx)
+    patched.unpatch_model()
+    assert torch.allclose(low, full, atol=1e-5) and torch.equal(low, low2)
