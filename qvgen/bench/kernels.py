@@ -34,7 +34,7 @@ MODELS = {
 }
 WAN_480P_81F_TOKENS = 32760  # 21 latent frames × 30 × 52 patches
 GPU_TOKENS = (WAN_480P_81F_TOKENS, 8192, 512, 16)
-CPU_TOKENS = (512, 4096)
+CPU_TOKENS = (256, 1024)
 
 
 def layer_shapes(model: str) -> list[tuple[str, int, int]]:
@@ -68,31 +68,37 @@ class Row:
 # ---------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------
-def time_ms(fn: Callable[[], object], device: torch.device, min_time: float, warmup: int = 1) -> float:
-    """Median time of `fn` in ms: CUDA events on GPU, wall clock on CPU, ≥ `min_time` s of runs."""
-    for _ in range(warmup):
+def time_ms(
+    fns: dict[str, Callable[[], object]], device: torch.device, min_time: float, stat: str = "median"
+) -> dict[str, float]:
+    """Time each function in ms, round-robin, until each has run ≥ `min_time` s (and ≥ 3 times).
+
+    Interleaving keeps the comparison fair when the machine's load drifts; `stat="min"` is the
+    robust choice on a shared machine. CUDA events on GPU, the wall clock on CPU.
+    """
+    for fn in fns.values():  # warm-up: allocation, autotuning, compilation
         fn()
-    if device.type == "cuda":
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    gpu = device.type == "cuda"
+    if gpu:
         torch.cuda.synchronize(device)
-        times: list[float] = []
-        total = 0.0
-        while total < min_time * 1e3 or len(times) < 3:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-            total += times[-1]
-        return statistics.median(times)
-    times = []
-    total = 0.0
-    while total < min_time or not times:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        total += times[-1]
-    return statistics.median(times) * 1e3
+    while any(sum(t) < min_time * 1e3 or len(t) < 3 for t in times.values()):
+        for name, fn in fns.items():
+            if sum(times[name]) >= min_time * 1e3 and len(times[name]) >= 3:
+                continue
+            if gpu:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    pick = min if stat == "min" else statistics.median
+    return {name: pick(t) for name, t in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,20 +182,25 @@ def bench_case(
             backend=args.backend,
         )
 
+    fns: dict[str, Callable[[], object]] = {"baseline": lambda: F.linear(x, w, bias), "ours": ours}
     with torch.inference_mode():
-        base_ms = time_ms(lambda: F.linear(x, w, bias), device, args.min_time)
-        ours_ms = time_ms(ours, device, args.min_time)
-        extra: dict[str, float | None] = {}
         if not gpu and not args.no_bf16:
             xb, wb, bb = x.bfloat16(), w.bfloat16(), bias.bfloat16()
-            extra["bf16 linear"] = time_ms(lambda: F.linear(xb, wb, bb), device, args.min_time)
+            fns["bf16 linear"] = lambda: F.linear(xb, wb, bb)
         if args.a_bits is not None:
             a_bits = args.a_bits
-            extra["act quant"] = time_ms(lambda: qk.quantize_activation(x, 0.9, 0.9, a_bits), device, args.min_time)
+            fns["act quant"] = lambda: qk.quantize_activation(x, 0.9, 0.9, a_bits, backend=args.backend)
+        extra: dict[str, float | None] = {}
         if not args.no_comfy:
             ck_x = x if gpu else x.bfloat16()
             for name, fn in comfy_kitchen_fns(w.to(ck_x.dtype), bias.to(ck_x.dtype), ck_x).items():
-                extra[name] = None if fn is None else time_ms(fn, device, args.min_time)
+                if fn is None:
+                    extra[name] = None
+                else:
+                    fns[name] = fn
+        ms = time_ms(fns, device, args.min_time, args.stat)
+    base_ms, ours_ms = ms.pop("baseline"), ms.pop("ours")
+    extra.update(ms)
     flops = 2.0 * m * n * k
     packed_bytes = packed["qweight"].numel() + 12 * n  # + scale, zero point, Σq per channel
     return Row(
@@ -290,6 +301,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="qvgen_kernels backend: auto, triton, cpu, torch")
     p.add_argument("--min-time", type=float, default=None, help="seconds of timed runs per measurement")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--stat", choices=("median", "min"), default="median", help="statistic over the timed runs")
     p.add_argument("--no-bf16", action="store_true", help="CPU: skip the bf16 baseline column")
     p.add_argument("--no-comfy", action="store_true", help="skip comfy-kitchen even if importable")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
