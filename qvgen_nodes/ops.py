@@ -83,7 +83,8 @@ class LayerLoadError(ValueError):
 # ---- patch deltas (LoRA etc.) ----------------------------------------------------------------
 def encode_delta(delta: Tensor, max_rank: int, dtype: torch.dtype) -> Tensor:
     """Store a weight difference (out, in) compactly: an empty tensor when it is zero, the low-rank
-    factors `[Uᵀ | D]` of shape (r, out + in) (Δ ≈ U D) when few components carry it, else dense."""
+    factors `[Uᵀ | D]` of shape (r, out + in) (Δ ≈ U D) when few components carry it (a LoRA), else
+    dense. The factors' relative Frobenius error is at most `LORA_REL_TOL`."""
     out_f, in_f = delta.shape
     delta = delta.float()
     total = torch.linalg.matrix_norm(delta)
@@ -99,9 +100,9 @@ def encode_delta(delta: Tensor, max_rank: int, dtype: torch.dtype) -> Tensor:
     # smallest rank whose residual ‖Δ − Δ_r‖_F is within tolerance (residual² = ‖Δ‖² − Σ s_i²)
     resid = (total.square() - torch.cumsum(s.square(), 0)).clamp(min=0).sqrt()
     ok = torch.nonzero(resid <= LORA_REL_TOL * total)
-    if ok.numel() == 0 or int(ok[0]) + 1 > max_rank:
+    r = int(ok[0]) + 1 if ok.numel() else n
+    if r > max_rank or r * (out_f + in_f) >= out_f * in_f:  # factors would not be smaller: keep it dense
         return delta.to(dtype)
-    r = int(ok[0]) + 1
     root = s[:r].sqrt()
     up = u[:, :r] * root  # (out, r)
     down = root[:, None] * vh[:r]  # (r, in)
