@@ -22,7 +22,7 @@ from ._bootstrap import ensure_qvgen
 log = logging.getLogger("qvgen")
 
 NODE_MODULES = ("node_loader", "node_quantize")
-MIN_COMFYUI = "0.3.50"
+MIN_COMFYUI = "0.3.48"
 
 
 def has_v3_api() -> bool:

@@ -217,7 +217,7 @@ def fp_vs_w4a4(defs: dict) -> dict:
     g.group("QVGen W4A4 (trained)", (1360, 0, 840, 940), color="#8A8")
     g.group("RTN W4A4 (no training, preview)", (2220, 0, 840, 940), color="#a1309b")
     g.note(
-        (40, 960),
+        (40, 1010),
         "## Full precision vs W4A4\n"
         "Same prompt, seed and sampler for three diffusion models: the fp16 model, the QVGen-trained W4A4 model, "
         "and a round-to-nearest W4A4 copy of the fp16 model (**QVGen Quantize**), which shows what 4-bit "
