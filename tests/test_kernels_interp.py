@@ -44,7 +44,7 @@ else:
     from qvgen_kernels import triton_linear as tk
     from test_kernels import assert_matches, call, make_layer
 
-    def _tokens(m: int, k: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    def _tokens(m: int, k: int, dtype=torch.float32, seed: int = 0, huge: bool = False) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(m, k, generator=g) * 2
         if m > 4:
@@ -52,12 +52,14 @@ else:
             x[2] = -2.5  # constant token
             x[3] = 100.0 + 1e-6 * torch.randn(k, generator=g)  # |x / s| far above 2^22
             x[4, :3] = 3e3 if dtype == torch.float16 else 3e4  # outliers (fp16 outputs must not overflow)
+        if huge and m > 5:
+            x[5] = 1e20 * torch.randn(k, generator=g)  # huge activations (exact-comparison tests only)
         return x.to(dtype)
 
     @pytest.mark.parametrize("bits", [2, 4, 8])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
     def test_interp_quantize_exact(bits: int, dtype: torch.dtype) -> None:
-        x = _tokens(37, 300, dtype).reshape(1, 37, 300)
+        x = _tokens(37, 300, dtype, huge=dtype == torch.float32).reshape(1, 37, 300)
         for lo, hi in [(0.9025, 0.9025), (torch.rand(1, 37) * 0.3 + 0.6, 1.0), (torch.rand(1, 1) + 0.2, 0.5)]:
             got = tk.quantize_activation(x, lo, hi, bits)
             ref = reference.quantize_activation(x, lo, hi, bits)
@@ -86,7 +88,7 @@ else:
     @pytest.mark.parametrize("fused", [False, True])
     def test_interp_integer_part_exact(w_bits: int, a_bits: int, m: int, k: int, n: int, fused: bool) -> None:
         layer = make_layer(n, k, w_bits, seed=m + k)
-        x = _tokens(m, k, seed=k)
+        x = _tokens(m, k, seed=k, huge=True)
         lo = torch.rand(m) * 0.3 + 0.6
         acc = call(tk.quantized_linear, x, layer, k, w_bits, a_bits, clip_lo=lo, clip_hi=0.9, fused=fused, int_out=True)
         q, _, z, _ = reference.quantize_activation(x, lo, 0.9, a_bits)
