@@ -253,6 +253,8 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
 
         def _patch_delta(self, delta: Tensor | None) -> Tensor | None:
             fns = getattr(self, "weight_function", None) or []
+            if not fns:
+                self._lowvram_delta = None  # ComfyUI dropped its per-call patches: forget their result
             for f in fns:
                 # ComfyUI's LowVramPatch re-applies the patches on every call; factoring the result
                 # each time would be slow, so reuse it while the patch list is the same object.
@@ -277,13 +279,3 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The QVGen layers of a ComfyUI model (module path → layer)."""
     return {n: m for n, m in model.named_modules() if getattr(m, "quantized", False) and isinstance(m, PackedLinear)}
-
-
-def packed_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for m in quantized_layers(model).values() for p in m.parameters())
-
-
-def describe(model: nn.Module) -> str:
-    layers = quantized_layers(model)
-    size = packed_bytes(model)
-    return f"{len(layers)} QVGen layers, {size / 2**20:.1f} MiB packed"
