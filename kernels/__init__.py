@@ -46,7 +46,15 @@ def _triton():
 
 
 def quantize_activation(
-    x: Tensor, clip_lo: ClipArg, clip_hi: ClipArg, bits: int, *, backend: str = "auto"
+    x: Tensor,
+    clip_lo: ClipArg,
+    clip_hi: ClipArg,
+    bits: int,
+    *,
+    input_signs: Tensor | None = None,
+    rot_block: int = 0,
+    smooth: Tensor | None = None,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token asymmetric quantization of `x` (last dim = K).
 
@@ -54,13 +62,22 @@ def quantize_activation(
     `x.shape[:-1] + (1,)`, zero integer-valued) and `qsum` (int32, same shape, `Σ_k q`).
     `clip_lo`/`clip_hi` are the effective clip factors: a number, or a tensor broadcastable to
     `x.shape[:-1]` (e.g. (B, 1) for a (B, L, K) input) or shaped `x.shape[:-1] + (1,)`.
+
+    Optional input transform (issue #7; `qvgen.transforms`): what gets quantized is
+    `x' = fwht(x · input_signs, rot_block) / smooth` — `input_signs` ±1 (K,) (int8 or float),
+    `rot_block` the Hadamard block (a power of two ≤ 256 dividing K; 0 = no rotation), `smooth`
+    positive float32 (K,) (None = 1). It is computed in fp32 with the rounding of
+    `common.apply_transform` (radix-2 butterflies h = 1, 2, 4, …, `/ fp32(√b)`, `/ smooth`, each
+    IEEE), which is also what the training path computes on fp32 inputs; the Triton kernel does it
+    in registers (butterflies), so codes agree bit for bit across backends.
     """
+    tf = dict(input_signs=input_signs, rot_block=rot_block, smooth=smooth)
     which = resolve_backend(backend, x.device)
     if which == "triton":
-        return _triton().quantize_activation(x, clip_lo, clip_hi, bits)
+        return _triton().quantize_activation(x, clip_lo, clip_hi, bits, **tf)
     if which == "cpu":
-        return cpu.quantize_activation(x, clip_lo, clip_hi, bits)
-    return reference.quantize_activation(x, clip_lo, clip_hi, bits)
+        return cpu.quantize_activation(x, clip_lo, clip_hi, bits, **tf)
+    return reference.quantize_activation(x, clip_lo, clip_hi, bits, **tf)
 
 
 def quantized_linear(
@@ -79,11 +96,16 @@ def quantized_linear(
     phi_down: Tensor | None = None,
     phi_up: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    input_signs: Tensor | None = None,
+    rot_block: int = 0,
+    smooth: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """`y = x̂ Ŵᵀ + bias (+ (x̂ phi_downᵀ) phi_upᵀ)` from packed weights; shape `x.shape[:-1] + (N,)`.
 
     `a_bits=None` is weight-only (x is used as is). `out_dtype` defaults to x's dtype.
+    `input_signs`, `rot_block`, `smooth`: the input transform of `quantize_activation`; x̂ (and
+    what Φ's down-projection sees) is quantized from `x'` (weight-only: x̂ = x').
     """
     kwargs = dict(
         in_features=in_features,
@@ -94,6 +116,9 @@ def quantized_linear(
         phi_down=phi_down,
         phi_up=phi_up,
         out_dtype=out_dtype,
+        input_signs=input_signs,
+        rot_block=rot_block,
+        smooth=smooth,
     )
     which = resolve_backend(backend, x.device)
     if which == "triton":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -85,3 +87,78 @@ def check_linear_args(
                 f"phi_down must be (r, {in_features}) and phi_up ({n}, r); got {tuple(phi_down.shape)} "
                 f"and {tuple(phi_up.shape)}"
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# Input transform: x' = fwht(x · signs, block) / smooth, applied before per-token quantization
+# ---------------------------------------------------------------------------------------------
+MAX_ROT_BLOCK = 256
+
+
+def check_transform(
+    k: int, input_signs: Tensor | None, rot_block: int, smooth: Tensor | None, device: torch.device
+) -> tuple[Tensor | None, int, Tensor | None]:
+    """Validated transform arguments as (signs float32 (K,) or None, block, smooth float32 (K,) or None).
+
+    `rot_block=0` means no rotation (then `input_signs` must be None); otherwise it is a power of
+    two ≤ 256 dividing K, and `input_signs` (±1, int8 or float, shape (K,)) is required.
+    """
+    if not isinstance(rot_block, int) or rot_block < 0:
+        raise ValueError(f"rot_block must be a non-negative int, got {rot_block!r}")
+    if rot_block == 0:
+        if input_signs is not None:
+            raise ValueError("input_signs needs rot_block > 0 (the Hadamard block size)")
+        signs = None
+    else:
+        if rot_block & (rot_block - 1) or rot_block > MAX_ROT_BLOCK:
+            raise ValueError(f"rot_block must be a power of two ≤ {MAX_ROT_BLOCK}, got {rot_block}")
+        if k % rot_block:
+            raise ValueError(f"rot_block={rot_block} does not divide the {k} input features")
+        if input_signs is None:
+            raise ValueError("rot_block > 0 needs input_signs (±1 per input feature)")
+        if input_signs.numel() != k:
+            raise ValueError(f"input_signs must have {k} entries, got {tuple(input_signs.shape)}")
+        signs = input_signs.detach().reshape(k).to(device=device, dtype=torch.float32).contiguous()
+    if smooth is not None:
+        if smooth.numel() != k:
+            raise ValueError(f"smooth must have {k} entries, got {tuple(smooth.shape)}")
+        smooth = smooth.detach().reshape(k).to(device=device, dtype=torch.float32).contiguous()
+    return signs, rot_block, smooth
+
+
+def has_transform(input_signs: Tensor | None, rot_block: int, smooth: Tensor | None) -> bool:
+    return rot_block > 0 or input_signs is not None or smooth is not None
+
+
+def fwht_fp32(v: Tensor, block: int) -> Tensor:
+    """Unnormalised Walsh–Hadamard transform over consecutive blocks of the last dim, in v's dtype.
+
+    Radix-2 butterflies in the fixed order h = 1, 2, 4, … (pairs k, k + h): the order that
+    defines the rounding every backend reproduces (qvgen.transforms.fwht does the same).
+    """
+    shape = v.shape
+    y = v.reshape(-1, shape[-1] // block, block)
+    h = 1
+    while h < block:
+        y = y.view(y.shape[0], y.shape[1], block // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=3)
+        h *= 2
+    return y.reshape(shape)
+
+
+def apply_transform(x2d: Tensor, signs: Tensor | None, block: int, smooth: Tensor | None) -> Tensor:
+    """The transformed activation `x'` (float32, (M, K)), with the rounding that defines the contract:
+
+    `v = fp32(x) · signs` (exact), radix-2 butterflies in fp32 (h = 1, 2, 4, …), `v / fp32(√block)`
+    (IEEE division; exact for block = 4^j), then `v / smooth` (IEEE division). This is exactly
+    what the training path (`qvgen.transforms.rotate` then `/ smooth`) computes on fp32 inputs.
+    """
+    v = x2d.float()
+    if signs is not None:
+        v = v * signs
+        if block > 1:
+            v = fwht_fp32(v, block) / math.sqrt(block)
+    if smooth is not None:
+        v = v / smooth
+    return v

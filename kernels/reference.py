@@ -11,7 +11,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import SCALE_MIN, ClipArg, check_act_bits, check_linear_args, row_factors
+from .common import (
+    SCALE_MIN,
+    ClipArg,
+    apply_transform,
+    check_act_bits,
+    check_linear_args,
+    check_transform,
+    has_transform,
+    row_factors,
+)
 from .packing import unpack_weight
 
 
@@ -27,14 +36,27 @@ def act_qparams(x2d: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor,
 
 
 def quantize_activation(
-    x: Tensor, clip_lo: ClipArg, clip_hi: ClipArg, bits: int
+    x: Tensor,
+    clip_lo: ClipArg,
+    clip_hi: ClipArg,
+    bits: int,
+    *,
+    input_signs: Tensor | None = None,
+    rot_block: int = 0,
+    smooth: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Codes `q` (uint8, x's shape), scale and zero (float32), row sums of `q` (int32), per token."""
+    """Codes `q` (uint8, x's shape), scale and zero (float32), row sums of `q` (int32), per token.
+
+    With a transform, the quantized activation is `x' = fwht(x · signs, rot_block) / smooth`
+    computed in fp32 by `common.apply_transform` (the rounding every backend reproduces).
+    """
     qmax = check_act_bits(bits)
     lead, k = x.shape[:-1], x.shape[-1]
     if k == 0:
         raise ValueError("cannot quantize rows of length 0")
     x2d = x.reshape(-1, k)
+    if has_transform(input_signs, rot_block, smooth):
+        x2d = apply_transform(x2d, *check_transform(k, input_signs, rot_block, smooth, x.device))
     lo = row_factors(clip_lo, lead, x.device)
     hi = row_factors(clip_hi, lead, x.device)
     s, z = act_qparams(x2d, lo, hi, bits)
@@ -68,18 +90,27 @@ def quantized_linear(
     phi_down: Tensor | None = None,
     phi_up: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    input_signs: Tensor | None = None,
+    rot_block: int = 0,
+    smooth: Tensor | None = None,
 ) -> Tensor:
-    """`x̂ Ŵᵀ + b (+ (x̂ Rᵀ) Lᵀ)` in float64. `w_qsum` is checked for shape only, never used."""
+    """`x̂ Ŵᵀ + b (+ (x̂ Rᵀ) Lᵀ)` in float64, x̂ quantized from the transformed input `x'`.
+
+    `w_qsum` is checked for shape only, never used. Weight-only (`a_bits=None`): x̂ = x'.
+    """
     check_linear_args(x, qweight, w_scale, w_zero, w_qsum, bias, in_features, w_bits, a_bits, phi_down, phi_up)
+    tf = check_transform(in_features, input_signs, rot_block, smooth, x.device)
     out_dtype = out_dtype or x.dtype
     lead = x.shape[:-1]
     n = qweight.shape[0]
     q_w = unpack_weight(qweight, w_bits, in_features).double()
     w_hat = w_scale.double().reshape(n, 1) * (q_w - w_zero.double().reshape(n, 1))
     if a_bits is None:
-        x_hat = x.reshape(-1, in_features).double()
+        x2d = x.reshape(-1, in_features)
+        x_hat = (apply_transform(x2d, *tf) if has_transform(*tf) else x2d).double()
     else:
-        q, s, z, _ = quantize_activation(x, clip_lo, clip_hi, a_bits)
+        t_kw = dict(input_signs=input_signs, rot_block=rot_block, smooth=smooth)
+        q, s, z, _ = quantize_activation(x, clip_lo, clip_hi, a_bits, **t_kw)
         x_hat = s.reshape(-1, 1).double() * (q.reshape(-1, in_features).double() - z.reshape(-1, 1).double())
     y = x_hat @ w_hat.T
     if bias is not None:

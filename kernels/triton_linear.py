@@ -35,6 +35,7 @@ quantizer bit for bit.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -42,7 +43,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import ClipArg, check_act_bits, check_linear_args, row_factors
+from .common import (
+    ClipArg,
+    apply_transform,
+    check_act_bits,
+    check_linear_args,
+    check_transform,
+    has_transform,
+    row_factors,
+)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
@@ -92,6 +101,61 @@ def _row_minmax(x_ptr, rows, row_mask, K, stride_xm, BLOCK_M: tl.constexpr, BLOC
 
 
 # ----------------------------------------------------------------------------------------------
+# Input transform in registers: signs, blockwise fast Walsh–Hadamard transform, smoothing
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwht_tile(v, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROT: tl.constexpr, LOG2: tl.constexpr):
+    """Unnormalised WHT over each run of ROT consecutive columns of a (BLOCK_M, BLOCK_K) tile.
+
+    Radix-2 butterflies in registers, stage h = 1, 2, 4, … (the reference's order, hence its
+    rounding): view the blocks as (n, ROT/2, 2), split off the lowest index bit (the pairs k, k+1),
+    `join(a + b, a − b)` and move that bit to the top (permute + reshape), a cyclic rotation
+    of the index bits — after LOG2 stages every bit is back in place and stage j has paired the
+    original bit j. No matmul, no shared-memory Hadamard tile.
+    """
+    NB: tl.constexpr = BLOCK_M * (BLOCK_K // ROT)
+    HB: tl.constexpr = ROT // 2
+    y = tl.reshape(v, [NB, ROT])
+    for _ in tl.static_range(LOG2):
+        a, b = tl.split(tl.reshape(y, [NB, HB, 2]))
+        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), [NB, ROT])
+    return tl.reshape(y, [BLOCK_M, BLOCK_K])
+
+
+@triton.jit
+def _load_x(
+    x_ptr,
+    x_off,
+    cols,
+    m,
+    sg_ptr,
+    sm_ptr,
+    K,
+    ROT: tl.constexpr,  # 0: no rotation; else the Hadamard block (signs applied, FWHT if > 1)
+    LOG2: tl.constexpr,
+    SQRT_B: tl.constexpr,  # fp32(√ROT)
+    SMOOTH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """A (BLOCK_M, BLOCK_K) fp32 tile of `x' = fwht(x · signs) / fp32(√b) / smooth` (zeros where masked)."""
+    xt = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    if ROT > 0:
+        sg = tl.load(sg_ptr + cols, mask=cols < K, other=0.0)
+        xt = xt * sg[None, :]
+        if ROT > 1:
+            xt = _fwht_tile(xt, BLOCK_M, BLOCK_K, ROT, LOG2)
+            if LOG2 % 2 == 0:  # √b a power of two: the multiply is the exact division
+                xt = xt * (1.0 / SQRT_B)
+            else:
+                xt = tl.math.div_rn(xt, tl.full(xt.shape, SQRT_B, tl.float32))
+    if SMOOTH:
+        sm = tl.load(sm_ptr + cols, mask=cols < K, other=1.0)
+        xt = tl.math.div_rn(xt, tl.broadcast_to(sm[None, :], xt.shape))
+    return xt
+
+
+# ----------------------------------------------------------------------------------------------
 # Per-token activation quantization (+ Φ down-projection)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
@@ -105,6 +169,8 @@ def _act_quant_kernel(
     qsum_ptr,
     pd_ptr,
     t_ptr,
+    sg_ptr,
+    sm_ptr,
     M,
     K,
     stride_xm,
@@ -118,14 +184,30 @@ def _act_quant_kernel(
     PHI_R: tl.constexpr,  # 0, or Φ's rank padded to a power of two ≥ 16
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROT: tl.constexpr = 0,  # input transform (see _load_x); BLOCK_K must be a multiple of ROT
+    LOG2: tl.constexpr = 0,
+    SQRT_B: tl.constexpr = 1.0,
+    SMOOTH: tl.constexpr = False,
 ):
     QMAX: tl.constexpr = 2**BITS - 1
+    TRANSFORM: tl.constexpr = ROT > 0 or SMOOTH
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     lo = tl.load(lo_ptr + rows, mask=row_mask, other=1.0)
     hi = tl.load(hi_ptr + rows, mask=row_mask, other=1.0)
-    rmin, rmax = _row_minmax(x_ptr, rows, row_mask, K, stride_xm, BLOCK_M, BLOCK_K)
+    if TRANSFORM:  # the transform is recomputed in the second sweep (registers, not a buffer)
+        rmin = tl.full([BLOCK_M], float("inf"), tl.float32)
+        rmax = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        x_off0 = rows.to(tl.int64) * stride_xm
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            m = row_mask[:, None] & (cols[None, :] < K)
+            xt = _load_x(x_ptr, x_off0, cols, m, sg_ptr, sm_ptr, K, ROT, LOG2, SQRT_B, SMOOTH, BLOCK_M, BLOCK_K)
+            rmin = tl.minimum(rmin, tl.min(tl.where(m, xt, float("inf")), axis=1))
+            rmax = tl.maximum(rmax, tl.max(tl.where(m, xt, float("-inf")), axis=1))
+    else:
+        rmin, rmax = _row_minmax(x_ptr, rows, row_mask, K, stride_xm, BLOCK_M, BLOCK_K)
     rmin = tl.where(row_mask, rmin, 0.0)
     rmax = tl.where(row_mask, rmax, 0.0)
     s, z = _row_qparams(rmin, rmax, lo, hi, QMAX)
@@ -139,7 +221,7 @@ def _act_quant_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         m = row_mask[:, None] & (cols[None, :] < K)
-        xt = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        xt = _load_x(x_ptr, x_off, cols, m, sg_ptr, sm_ptr, K, ROT, LOG2, SQRT_B, SMOOTH, BLOCK_M, BLOCK_K)
         q = tl.where(m, _quantize(xt, s, z, QMAX), 0.0)
         qsum += tl.sum(q.to(tl.int32), axis=1)
         if LAYOUT == 0:
@@ -455,8 +537,12 @@ def _launch_quant(
     layout: int,
     phi_down: Tensor | None = None,
     block: tuple[int, int] | None = None,
+    transform: tuple[Tensor | None, int, Tensor | None] = (None, 0, None),
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, int]:
-    """Run `_act_quant_kernel`; returns (q buffer, scale, zero, qsum, t, HALF)."""
+    """Run `_act_quant_kernel`; returns (q buffer, scale, zero, qsum, t, HALF).
+
+    `transform` = (signs float32 or None, rot_block, smooth float32 or None), from `check_transform`.
+    """
     m, k = x2d.shape
     dev = x2d.device
     half = 0
@@ -479,6 +565,13 @@ def _launch_quant(
     bm, bk = block or quant_block(k)
     if phi_r and bm < 16:
         raise ValueError("Φ's dot needs BLOCK_M ≥ 16")
+    signs, rot, smooth = transform
+    if signs is None:
+        rot = 0
+    if rot and bk % rot:
+        raise ValueError(f"BLOCK_K={bk} must be a multiple of the Hadamard block {rot}")
+    log2 = rot.bit_length() - 1 if rot else 0
+    sqrt_b = float(torch.tensor(math.sqrt(rot or 1), dtype=torch.float32))  # fp32(√b), as torch divides
     grid = (triton.cdiv(m, bm),)
     _act_quant_kernel[grid](
         x2d,
@@ -490,6 +583,8 @@ def _launch_quant(
         qsum,
         phi_down if phi_down is not None else scale,
         t if t is not None else scale,
+        signs if signs is not None else scale,
+        smooth if smooth is not None else scale,
         m,
         k,
         x2d.stride(0),
@@ -503,6 +598,10 @@ def _launch_quant(
         PHI_R=phi_r,
         BLOCK_M=bm,
         BLOCK_K=bk,
+        ROT=rot,
+        LOG2=log2,
+        SQRT_B=sqrt_b,
+        SMOOTH=smooth is not None,
         num_warps=4,
         enable_fp_fusion=False,
     )
@@ -515,7 +614,15 @@ def _rows(x: Tensor) -> Tensor:
 
 
 def quantize_activation(
-    x: Tensor, clip_lo: ClipArg, clip_hi: ClipArg, bits: int, *, block: tuple[int, int] | None = None
+    x: Tensor,
+    clip_lo: ClipArg,
+    clip_hi: ClipArg,
+    bits: int,
+    *,
+    input_signs: Tensor | None = None,
+    rot_block: int = 0,
+    smooth: Tensor | None = None,
+    block: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The public `quantize_activation` on the Triton kernel (uint8 codes, natural layout)."""
     check_act_bits(bits)
@@ -525,7 +632,8 @@ def quantize_activation(
     x2d = _rows(x)
     lo = row_factors(clip_lo, lead, x.device)
     hi = row_factors(clip_hi, lead, x.device)
-    q, s, z, qsum, _, _ = _launch_quant(x2d, lo, hi, bits, layout=0, block=block)
+    tf = check_transform(k, input_signs, rot_block, smooth, x.device)
+    q, s, z, qsum, _, _ = _launch_quant(x2d, lo, hi, bits, layout=0, block=block, transform=tf)
     stat = (*lead, 1)
     return q.reshape(x.shape), s.reshape(stat), z.reshape(stat), qsum.reshape(stat)
 
@@ -551,6 +659,9 @@ def quantized_linear(
     phi_down: Tensor | None = None,
     phi_up: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    input_signs: Tensor | None = None,
+    rot_block: int = 0,
+    smooth: Tensor | None = None,
     fused: bool | None = None,
     config: dict | None = None,
     quant_block_size: tuple[int, int] | None = None,
@@ -562,11 +673,19 @@ def quantized_linear(
     without Φ); `config` fixes the GEMM tiles instead of autotuning (tests, the interpreter);
     `int_out=True` returns the raw int32 `Σ(q_x - z_x)(q_w - c_w)` (c_w = 128 for 8-bit weights,
     else 0) for exact testing.
+    An input transform (`input_signs`, `rot_block`, `smooth`) runs inside the quantization kernel
+    (in-register butterflies); it always takes the unfused path (two launches), and in weight-only
+    mode it runs in PyTorch before the GEMM.
     """
     check_linear_args(x, qweight, w_scale, w_zero, w_qsum, bias, in_features, w_bits, a_bits, phi_down, phi_up)
     out_dtype = out_dtype or x.dtype
     lead, k, n = x.shape[:-1], in_features, qweight.shape[0]
+    tf = check_transform(k, input_signs, rot_block, smooth, x.device)
+    transformed = has_transform(*tf)
     x2d = _rows(x)
+    if transformed and a_bits is None:  # weight-only: x̂ = x', computed once in PyTorch
+        x2d = apply_transform(x2d, *tf).to(x2d.dtype)
+        transformed = False
     m = x2d.shape[0]
     dev = x.device
     if m == 0:
@@ -581,9 +700,11 @@ def quantized_linear(
 
     phi_in_kernel = phi_down is not None and a_bits is not None and phi_down.shape[0] <= PHI_MAX_RANK
     if fused is None:
-        fused = m <= FUSE_MAX_M and phi_down is None
+        fused = m <= FUSE_MAX_M and phi_down is None and not transformed
     if fused and phi_down is not None:
         raise ValueError("the fused variant has no Φ branch; use fused=False")
+    if fused and transformed:
+        raise ValueError("the fused variant has no input transform; use fused=False")
 
     dummy_f = s_w
     lo = hi = sx = zx = qsx = dummy_f
@@ -601,7 +722,7 @@ def quantized_linear(
         hi_r = row_factors(clip_hi, lead, dev)
         layout = 2 if w_bits <= 4 else 1
         a_buf, sx, zx, qsx, t, half = _launch_quant(
-            x2d, lo_r, hi_r, a_bits, layout, phi_down if phi_in_kernel else None, quant_block_size
+            x2d, lo_r, hi_r, a_bits, layout, phi_down if phi_in_kernel else None, quant_block_size, tf
         )
         stride_am = a_buf.stride(0)
 
@@ -672,8 +793,9 @@ def quantized_linear(
         x_src = x2d.float()
         if a_bits is not None:  # x̂ = s_x (q_x - z_x), from the codes
             q, s, z, _ = quantize_activation(
-                x2d, row_factors(clip_lo, lead, dev), row_factors(clip_hi, lead, dev), a_bits
-            )
+                x2d, row_factors(clip_lo, lead, dev), row_factors(clip_hi, lead, dev), a_bits,
+                input_signs=input_signs, rot_block=rot_block, smooth=smooth,
+            )  # fmt: skip
             x_src = s * (q.float() - z)
         y = (y.float() + (x_src @ phi_down.float().t()) @ phi_up.float().t()).to(out_dtype)
     return y.reshape(*lead, n)

@@ -295,7 +295,7 @@ class PackedLinear(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.transform_input(x)
+        # the input transform (rotation, smoothing) runs inside the kernels' activation quantization
         lo: Tensor | float = 1.0
         hi: Tensor | float = 1.0
         if self.act_bits is not None:
@@ -317,6 +317,9 @@ class PackedLinear(nn.Module):
             phi_down=self.phi_down,
             phi_up=self.phi_up,
             out_dtype=x.dtype,
+            input_signs=self.input_signs,
+            rot_block=self.rot_block if self.input_signs is not None else 0,
+            smooth=self.smooth,
             backend=self.backend,
         )
 
