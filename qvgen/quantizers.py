@@ -41,23 +41,28 @@ def quantize_weight_int(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Te
 
 
 def init_weight_qparams(w: Tensor, bits: int, norm: float = CLIP_SEARCH_NORM) -> tuple[Tensor, Tensor]:
-    """Clip-ratio search per row: keep the ratio minimising Σ|Q(W) - W|^2.4 (returns `s`, `z`)."""
+    """Clip-ratio search per row: keep the ratio minimising Σ|Q(W) - W|^2.4 (returns `s`, `z`).
+
+    All ratios are tried at once on blocks of rows (≤ 2^24 elements per block), so large layers
+    stay within memory and small ones are not dominated by per-call overhead.
+    """
     w = w.detach().float()
+    rows = max(1, (1 << 24) // (w.shape[1] * len(CLIP_RATIOS)))
+    scales, zeros = zip(*(_search_rows(w[i : i + rows], bits, norm) for i in range(0, w.shape[0], rows)), strict=True)
+    return torch.cat(scales), torch.cat(zeros)
+
+
+def _search_rows(w: Tensor, bits: int, norm: float) -> tuple[Tensor, Tensor]:
     qmax = 2**bits - 1
-    wmin = w.amin(dim=1, keepdim=True)
-    wmax = w.amax(dim=1, keepdim=True)
-    best_err = torch.full_like(wmin, float("inf"))
-    best_s, best_z = torch.ones_like(wmin), torch.zeros_like(wmin)
-    for ratio in CLIP_RATIOS:
-        lo, hi = wmin * ratio, wmax * ratio
-        s = ((hi - lo) / qmax).clamp(min=SCALE_MIN)
-        z = -lo / s
-        err = (fake_quant_weight(w, s, z, bits) - w).abs().pow(norm).sum(dim=1, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-        best_z = torch.where(better, z, best_z)
-    return best_s, best_z
+    ratios = torch.tensor(CLIP_RATIOS, device=w.device).view(-1, 1, 1)
+    lo = w.amin(dim=1, keepdim=True) * ratios  # (R, rows, 1)
+    hi = w.amax(dim=1, keepdim=True) * ratios
+    s = ((hi - lo) / qmax).clamp(min=SCALE_MIN)
+    z = -lo / s
+    err = (fake_quant_weight(w, s, z, bits) - w).abs().pow(norm).sum(dim=2)  # (R, rows)
+    best = err.argmin(dim=0)  # first (largest) ratio on ties, as a sequential search would keep
+    idx = torch.arange(w.shape[0], device=w.device)
+    return s[best, idx], z[best, idx]
 
 
 class WeightQuantizer(nn.Module):
