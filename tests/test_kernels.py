@@ -321,3 +321,74 @@ def test_argument_errors() -> None:
             x, layer["qweight"], layer["w_scale"], layer["w_zero"], layer["w_qsum"],
             in_features=16, w_bits=4, a_bits=4, phi_down=torch.zeros(2, 16),
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# input transform (rotation / smoothing) before activation quantization
+# ---------------------------------------------------------------------------------------------
+def transform_args(k: int, kind: str, block: int, seed: int = 0) -> dict:
+    """kwargs of the transform: kind "rot", "smooth" or "both"; int8 signs for "rot", float for "both"."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict = {"input_signs": None, "rot_block": 0, "smooth": None}
+    if kind in ("rot", "both"):
+        signs = torch.randint(0, 2, (k,), generator=g) * 2 - 1
+        out.update(input_signs=signs.to(torch.int8 if kind == "rot" else torch.float32), rot_block=block)
+    if kind in ("smooth", "both"):
+        out["smooth"] = torch.rand(k, generator=g) * 3 + 0.1
+    return out
+
+
+TRANSFORM_CASES = [("rot", 2, 64), ("rot", 32, 96), ("smooth", 0, 77), ("both", 128, 384), ("both", 256, 512)]
+
+
+@pytest.mark.parametrize(("kind", "block", "k"), TRANSFORM_CASES)
+def test_reference_transform_equals_training_rotation(kind: str, block: int, k: int) -> None:
+    """The kernels' fp32 transform is bit for bit the training path's `rotate(x) / smooth`."""
+    from qvgen.transforms import rotate
+
+    tf = transform_args(k, kind, block)
+    x = torch.randn(9, k) * 3
+    want = rotate(x, tf["input_signs"].float(), block) if tf["input_signs"] is not None else x
+    want = want / tf["smooth"] if tf["smooth"] is not None else want
+    got = reference.apply_transform(x, *reference.check_transform(k, **tf, device=x.device))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("kind", "block", "k"), TRANSFORM_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_transform_quantize_exact(kind: str, block: int, k: int, dtype: torch.dtype) -> None:
+    tf = transform_args(k, kind, block)
+    x = (torch.randn(300, k) * 2).to(dtype)  # 300 rows: several cache chunks for K ≥ 256
+    x[3, :2] = 3e4
+    got = cpu.quantize_activation(x, 0.9, 0.8, 4, **tf)
+    ref = reference.quantize_activation(x, 0.9, 0.8, 4, **tf)
+    assert all(torch.equal(g, r) for g, r in zip(got, ref, strict=True))
+    plain = reference.quantize_activation(x, 0.9, 0.8, 4)
+    assert not torch.equal(got[0], plain[0])  # the transform changed the codes
+
+
+@pytest.mark.parametrize(("w_bits", "a_bits", "rank"), [(4, 4, 0), (4, 4, 3), (8, 8, 0), (4, None, 2)])
+def test_cpu_linear_with_transform_matches_reference(w_bits: int, a_bits: int | None, rank: int) -> None:
+    k, n = 96, 40
+    layer = make_layer(n, k, w_bits, rank=rank)
+    tf = transform_args(k, "both", 32)
+    x = torch.randn(2, 17, k)
+    y = call(cpu.quantized_linear, x, layer, k, w_bits, a_bits, clip_lo=0.9, clip_hi=0.95, **tf)
+    y_ref = call(reference.quantized_linear, x, layer, k, w_bits, a_bits, clip_lo=0.9, clip_hi=0.95, **tf)
+    assert_matches(y, y_ref.double(), torch.float32)
+    y_pub = call(qk.quantized_linear, x, layer, k, w_bits, a_bits, clip_lo=0.9, clip_hi=0.95, backend="cpu", **tf)
+    assert torch.equal(y_pub, y)
+
+
+def test_transform_argument_errors() -> None:
+    x, s = torch.randn(2, 96), torch.ones(96)
+    with pytest.raises(ValueError, match="power of two"):
+        qk.quantize_activation(x, 1.0, 1.0, 4, input_signs=s, rot_block=24)
+    with pytest.raises(ValueError, match="does not divide"):
+        qk.quantize_activation(x, 1.0, 1.0, 4, input_signs=s, rot_block=64)
+    with pytest.raises(ValueError, match="needs input_signs"):
+        qk.quantize_activation(x, 1.0, 1.0, 4, rot_block=32)
+    with pytest.raises(ValueError, match="needs rot_block"):
+        qk.quantize_activation(x, 1.0, 1.0, 4, input_signs=s)
+    with pytest.raises(ValueError, match="smooth must have"):
+        qk.quantize_activation(x, 1.0, 1.0, 4, smooth=torch.ones(95), backend="torch")

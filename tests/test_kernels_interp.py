@@ -42,7 +42,7 @@ if not INTERPRETING:
 else:
     from qvgen_kernels import reference
     from qvgen_kernels import triton_linear as tk
-    from test_kernels import assert_matches, call, make_layer
+    from test_kernels import assert_matches, call, make_layer, transform_args
 
     def _tokens(m: int, k: int, dtype=torch.float32, seed: int = 0, huge: bool = False) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -168,3 +168,48 @@ else:
         y = call(qk.quantized_linear, x, layer, 64, 4, 4)
         y_ref = call(reference.quantized_linear, x, layer, 64, 4, 4, out_dtype=torch.float64)
         assert_matches(y, y_ref, torch.float32)
+
+    # input transform in the quantization kernel: signs, in-register FWHT, smoothing
+    INTERP_TRANSFORMS = [  # (kind, block, K): K a multiple of the block, not always a power of two
+        ("rot", 2, 64),
+        ("rot", 8, 200),
+        ("rot", 32, 96),
+        ("rot", 64, 320),
+        ("smooth", 0, 77),
+        ("both", 16, 48),
+        ("both", 128, 384),
+        ("both", 256, 512),
+    ]
+
+    @pytest.mark.parametrize(("kind", "block", "k"), INTERP_TRANSFORMS)
+    def test_interp_transform_quantize_exact(kind: str, block: int, k: int) -> None:
+        """Codes, scales, zeros and sums equal the reference bit for bit (same fp32 operations)."""
+        tf = transform_args(k, kind, block, seed=k)
+        x = _tokens(37, k, torch.bfloat16 if kind == "both" else torch.float32, seed=block)
+        lo = torch.rand(37) * 0.3 + 0.6
+        got = tk.quantize_activation(x, lo, 0.9, 4, **tf)
+        ref = reference.quantize_activation(x, lo, 0.9, 4, **tf)
+        for g, r in zip(got, ref, strict=True):
+            assert g.dtype == r.dtype and g.shape == r.shape
+            assert torch.equal(g, r)
+
+    @pytest.mark.parametrize(("w_bits", "a_bits", "rank"), [(4, 4, 0), (4, 4, 8), (8, 8, 0), (4, None, 0)])
+    def test_interp_linear_with_transform(w_bits: int, a_bits: int | None, rank: int) -> None:
+        """The GEMM after the transformed quantization: exact integer part, outputs within fp32 tolerance."""
+        m, k, n = 20, 96, 40  # few tokens: the transform must route around the fused variant
+        layer = make_layer(n, k, w_bits, rank=rank, seed=5)
+        tf = transform_args(k, "both", 32, seed=1)
+        x = _tokens(m, k, seed=2)
+        y = call(tk.quantized_linear, x, layer, k, w_bits, a_bits, clip_lo=0.9, clip_hi=0.95, **tf)
+        y_ref = call(
+            reference.quantized_linear, x, layer, k, w_bits, a_bits, clip_lo=0.9, clip_hi=0.95,
+            out_dtype=torch.float64, **tf,
+        )  # fmt: skip
+        assert_matches(y, y_ref, torch.float32)
+        if a_bits is not None and rank == 0:  # the int32 accumulator on the transformed codes
+            acc = call(tk.quantized_linear, x, layer, k, w_bits, a_bits, clip_lo=0.9, clip_hi=0.95, int_out=True, **tf)
+            q, _, z, _ = reference.quantize_activation(x, 0.9, 0.95, a_bits, **tf)
+            assert torch.equal(acc.long(), reference.integer_dot(q, z, layer["q"], 128 if w_bits == 8 else 0))
+        if a_bits is not None and rank == 0:  # the fused variant has no transform: refused when forced
+            with pytest.raises(ValueError, match="no input transform"):
+                call(tk.quantized_linear, x, layer, k, w_bits, a_bits, fused=True, **tf)

@@ -117,20 +117,49 @@ def test_compile_linear(cc: int, name: str, a: str, out: str, ce: dict) -> None:
         assert "div.rn.f32" in ptx and "fma.rn.f32" not in ptx and "0f4B400000" in ptx
 
 
+def _quant_types(x: str, phi: str, layout: int) -> dict[str, str]:
+    types = {n: "i32" for n in ("M", "K", "stride_xm", "stride_qm", "HALF", "stride_pd", "stride_tm", "R")}
+    types.update(
+        x_ptr=f"*{x}", lo_ptr="*fp32", hi_ptr="*fp32", q_ptr="*u8" if layout == 0 else "*i8", scale_ptr="*fp32",
+        zero_ptr="*fp32", qsum_ptr="*i32", pd_ptr=f"*{phi}", t_ptr="*fp32", sg_ptr="*fp32", sm_ptr="*fp32",
+    )  # fmt: skip
+    return types
+
+
 @pytest.mark.parametrize("cc", CCS)
 @pytest.mark.parametrize(("x", "phi", "layout", "phi_r"), QUANT_VARIANTS)
 def test_compile_act_quant(cc: int, x: str, phi: str, layout: int, phi_r: int) -> None:
     from qvgen_kernels import triton_linear
 
-    types = {n: "i32" for n in ("M", "K", "stride_xm", "stride_qm", "HALF", "stride_pd", "stride_tm", "R")}
-    types.update(
-        x_ptr=f"*{x}", lo_ptr="*fp32", hi_ptr="*fp32", q_ptr="*u8" if layout == 0 else "*i8", scale_ptr="*fp32",
-        zero_ptr="*fp32", qsum_ptr="*i32", pd_ptr=f"*{phi}", t_ptr="*fp32",
-    )  # fmt: skip
     ce = {"BITS": 4 if layout != 1 else 8, "LAYOUT": layout, "PHI_R": phi_r, "BLOCK_M": 16, "BLOCK_K": 256}
-    k = _compile(triton_linear._act_quant_kernel, types, ce, cc, 4, 3, False)
+    ce.update(ROT=0, LOG2=0, SQRT_B=1.0, SMOOTH=False)
+    k = _compile(triton_linear._act_quant_kernel, _quant_types(x, phi, layout), ce, cc, 4, 3, False)
     ptx = k.asm["ptx"]
     assert "div.rn.f32" in ptx and "fma.rn.f32" not in ptx and "0f4B400000" in ptx
+
+
+# input transform in the quantization kernel: (cc, x dtype, LAYOUT, PHI_R, rot block, smooth) — one per target
+TRANSFORM_VARIANTS = [
+    (90, "bf16", 2, 0, 256, False),  # Wan's widths: block 256, √b = 16 (multiply)
+    (89, "bf16", 2, 32, 128, True),  # Φ + smoothing, √b inexact (IEEE division)
+    (80, "fp16", 1, 0, 32, True),  # 8-bit activations
+]
+
+
+@pytest.mark.parametrize(("cc", "x", "layout", "phi_r", "rot", "smooth"), TRANSFORM_VARIANTS)
+def test_compile_act_quant_with_transform(cc: int, x: str, layout: int, phi_r: int, rot: int, smooth: bool) -> None:
+    """The in-register butterflies lower for each target, with no MMA (not a Hadamard matmul) unless Φ."""
+    from qvgen_kernels import triton_linear
+
+    log2 = rot.bit_length() - 1
+    ce = {"BITS": 4 if layout != 1 else 8, "LAYOUT": layout, "PHI_R": phi_r, "BLOCK_M": 16, "BLOCK_K": 256}
+    ce.update(ROT=rot, LOG2=log2, SQRT_B=rot**0.5, SMOOTH=smooth)
+    k = _compile(triton_linear._act_quant_kernel, _quant_types(x, "bf16", layout), ce, cc, 4, 3, False)
+    ptx = k.asm["ptx"]
+    assert "div.rn.f32" in ptx and "fma.rn.f32" not in ptx and "0f4B400000" in ptx
+    assert k.metadata.shared <= SMEM_LIMIT[cc]
+    if not phi_r:
+        assert "mma" not in ptx  # butterflies, not a dense Hadamard product
 
 
 # (mode A_SRC, compile target): the int8 path's tile lists. sm_89 lowers like sm_80 (mma.sync); only its
