@@ -29,3 +29,10 @@ def test_bench_weight_only_and_subcommand_registry(capsys) -> None:
     assert "W8A16 (cpu) ms" in capsys.readouterr().out
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert "kernels" in sub.choices
+
+
+def test_bench_transform_cost_column(capsys) -> None:
+    args = ["kernels", "--device", "cpu", "--shapes", "96x16", "--tokens", "4", "--min-time", "0", "--no-comfy"]
+    assert main([*args, "--transform", "smooth_hadamard", "--no-bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "smooth_hadamard cost %" in out and "no transform ms" in out

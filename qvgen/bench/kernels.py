@@ -9,6 +9,7 @@ Examples:
   python -m qvgen.bench kernels                       # CPU: small token counts, < 1 min
   python -m qvgen.bench kernels --models 1.3b,14b --tokens 32760,8192,512 --json out.json
   python -m qvgen.bench kernels --shapes 1536x1536 --tokens 4096 --min-time 2
+  python -m qvgen.bench kernels --transform hadamard  # + rotation in the quantizer; cost vs without
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class Row:
     speedup: float
     ours_tops: float
     extra_ms: dict[str, float | None] = field(default_factory=dict)
+    transform: str = "none"
+    transform_pct: float | None = None  # (ours − ours without the transform) / ours, in %
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,8 +166,9 @@ def bench_case(
     bias = torch.randn(n, device=device, dtype=dtype)
     x = torch.randn(m, k, device=device, dtype=dtype)
     packed = make_packed_layer(n, k, args.w_bits, args.rank, device, dtype)
+    tf = transform_kwargs(args.transform, k, device)
 
-    def ours() -> torch.Tensor:
+    def ours(**extra) -> torch.Tensor:
         return qk.quantized_linear(
             x,
             packed["qweight"],
@@ -180,9 +184,12 @@ def bench_case(
             phi_down=packed["phi_down"],
             phi_up=packed["phi_up"],
             backend=args.backend,
+            **extra,
         )
 
-    fns: dict[str, Callable[[], object]] = {"baseline": lambda: F.linear(x, w, bias), "ours": ours}
+    fns: dict[str, Callable[[], object]] = {"baseline": lambda: F.linear(x, w, bias), "ours": lambda: ours(**tf)}
+    if tf:
+        fns["no transform"] = ours
     with torch.inference_mode():
         if not gpu and not args.no_bf16:
             xb, wb, bb = x.bfloat16(), w.bfloat16(), bias.bfloat16()
@@ -201,6 +208,7 @@ def bench_case(
         ms = time_ms(fns, device, args.min_time, args.stat)
     base_ms, ours_ms = ms.pop("baseline"), ms.pop("ours")
     extra.update(ms)
+    pct = (ours_ms - ms["no transform"]) / ours_ms * 100 if tf else None
     flops = 2.0 * m * n * k
     packed_bytes = packed["qweight"].numel() + 12 * n  # + scale, zero point, Σq per channel
     return Row(
@@ -217,7 +225,22 @@ def bench_case(
         speedup=base_ms / ours_ms,
         ours_tops=flops / (ours_ms * 1e-3) / 1e12,
         extra_ms=extra,
+        transform=args.transform,
+        transform_pct=pct,
     )
+
+
+def transform_kwargs(kind: str, k: int, device: torch.device) -> dict:
+    """The kernels' transform arguments for `--transform` (random signs/scales; block as PackedLinear)."""
+    if kind == "none":
+        return {}
+    out: dict = {}
+    if "hadamard" in kind:
+        out["input_signs"] = (torch.randint(0, 2, (k,)) * 2 - 1).to(device=device, dtype=torch.int8)
+        out["rot_block"] = min(k & -k, 256)
+    if "smooth" in kind:
+        out["smooth"] = (torch.rand(k) + 0.5).to(device)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +281,9 @@ def markdown(rows: list[Row], ours_label: str) -> str:
     extras = sorted({k for r in rows for k in r.extra_ms})
     head = ["model", "layer", "M", "K", "N", "weights MB (float → packed)", rows[0].baseline + " ms"]
     head += [f"{ours_label} ms", "speed-up", "TOPS"] + [f"{e} ms" for e in extras]
+    with_tf = any(r.transform_pct is not None for r in rows)
+    if with_tf:
+        head.append(f"{rows[0].transform} cost %")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -275,6 +301,8 @@ def markdown(rows: list[Row], ours_label: str) -> str:
         for e in extras:
             v = r.extra_ms.get(e, "")
             cells.append("n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else ""))
+        if with_tf:
+            cells.append("" if r.transform_pct is None else f"{r.transform_pct:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -298,6 +326,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--a-bits", type=lambda v: None if v.lower() in ("none", "16") else int(v), default=4,
                    help="activation bits, or none for weight-only")  # fmt: skip
     p.add_argument("--rank", type=int, default=0, help="Φ rank (0: the finished QVGen model)")
+    p.add_argument("--transform", choices=("none", "hadamard", "smooth", "smooth_hadamard"), default="none",
+                   help="input transform in the activation quantizer; also times the layer without it")  # fmt: skip
     p.add_argument("--backend", default="auto", help="qvgen_kernels backend: auto, triton, cpu, torch")
     p.add_argument("--min-time", type=float, default=None, help="seconds of timed runs per measurement")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -326,7 +356,8 @@ def run(args: argparse.Namespace) -> int:
     from qvgen.kernels_import import qvgen_kernels as qk
 
     backend = qk.resolve_backend(args.backend, device)
-    label = f"W{args.w_bits}A{args.a_bits or 16}" + (f"+Φ{args.rank}" if args.rank else "") + f" ({backend})"
+    label = f"W{args.w_bits}A{args.a_bits or 16}" + (f"+Φ{args.rank}" if args.rank else "")
+    label += (f"+{args.transform}" if args.transform != "none" else "") + f" ({backend})"
     info = machine(device)
     print(f"# qvgen kernels benchmark — {info.get('gpu', info['cpu'])}, torch {info['torch']}, "
           f"{info['cpu_threads']} CPU threads, backend {backend}")  # fmt: skip
@@ -336,8 +367,9 @@ def run(args: argparse.Namespace) -> int:
         for m in tokens:
             rows.append(bench_case(model, layer, m, k, n, args, device))
             r = rows[-1]
+            cost = f", transform {r.transform_pct:.1f}% of the layer" if r.transform_pct is not None else ""
             print(f"  {model} {layer} M={m} K={k} N={n}: {r.baseline_ms:.3f} ms → {r.ours_ms:.3f} ms "
-                  f"({r.speedup:.2f}×)", flush=True)  # fmt: skip
+                  f"({r.speedup:.2f}×{cost})", flush=True)  # fmt: skip
     print()
     print(markdown(rows, label))
     print(f"\n({time.perf_counter() - t0:.1f} s; ratios are against the baseline timed in this process)")
