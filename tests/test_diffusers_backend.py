@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_wan, tiny_wan_pipeline, wan_inputs
+from tiny_models import tiny_wan, tiny_wan_pipeline, wan_inputs, word_tokenizer
 from torch import nn
 
 import qvgen
@@ -244,15 +244,9 @@ def test_pipeline_quantization_config_still_works(tmp_path):
 
 def tiny_cogvideox_pipeline():
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in "a red green blue circle square moving right".split():
-        vocab[w] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = word_tokenizer("a red green blue circle square moving right")
     torch.manual_seed(0)
     text_encoder = T5EncoderModel(
         T5Config(

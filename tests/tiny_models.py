@@ -33,18 +33,25 @@ def wan_inputs(batch: int = 2, seed: int = 1):
     return x, t, e
 
 
+def word_tokenizer(words: str):
+    """A word-level fast tokenizer built in memory (T5-style pad/eos), standing in for UMT5/T5's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in words.split():
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
 def tiny_wan_pipeline():
     """A complete WanPipeline with tiny random components and a locally built word-level tokenizer."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+    from transformers import UMT5Config, UMT5EncoderModel
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in "a red green blue circle square moving left right up down the".split():
-        vocab[w] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = word_tokenizer("a red green blue circle square moving left right up down the")
     torch.manual_seed(0)
     text_encoder = UMT5EncoderModel(
         UMT5Config(
