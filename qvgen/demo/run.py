@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--output", type=Path, default=Path("demo-output"), help="folder for the pictures and metrics")
-    p.add_argument("--steps", type=int, default=240, help="training steps per QAT method (equal budgets)")
+    p.add_argument("--steps", type=int, default=120, help="training steps per QAT method (equal budgets)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-4, help="higher than the paper's 3e-5: tiny model, few steps")
     p.add_argument("--rank", type=int, default=32, help="QVGen's initial Φ rank")
@@ -223,12 +223,12 @@ def _samples(fp, models: dict, args: argparse.Namespace):
 def summary(metrics: dict[str, Any]) -> str:
     lines = [
         "",
-        "| method | velocity MSE | × PTQ | weight part | activation part | sample MSE |",
-        "|---|---|---|---|---|---|",
+        "| method | velocity MSE | × PTQ | × QVGen | weight part | activation part | sample MSE |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, m in metrics["methods"].items():
         lines.append(
-            f"| {name} | {m['velocity_mse']:.5f} | {m['velocity_mse_vs_ptq']:.3f} | "
+            f"| {name} | {m['velocity_mse']:.5f} | {m['velocity_mse_vs_ptq']:.3f} | {m['velocity_mse_vs_qvgen']:.3f} | "
             f"{m['velocity_mse_weights_only']:.5f} | {m['velocity_mse_acts_only']:.5f} | {m['sample_mse']:.5f} |"
         )
     c = metrics["checkpoint"]
