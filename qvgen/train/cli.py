@@ -4,6 +4,7 @@
 
 Runs three stages, each skipped when already done, so re-running the same command resumes:
 prepare (encode the clips once), train (checkpoints every N steps), export (packed checkpoint).
+The same command runs on several GPUs or nodes under `torchrun` or `accelerate launch` (docs/training.md).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from ..checkpoint import save_quantized
 from ..config import QVGenConfig
 from ..decay import RankDecaySchedule
 from .data import DataError
+from .distributed import PARALLEL_MODES, TEACHER_PLACEMENTS, init_distributed
 from .prepare import CachedLatentDataset, detect_family, load_teacher, make_objective, prepare
 from .trainer import TrainOptions, train
 
@@ -75,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--seed", type=int, default=0)
 
+    d = p.add_argument_group("several GPUs (launch with torchrun or accelerate launch)")
+    d.add_argument(
+        "--parallel",
+        choices=PARALLEL_MODES,
+        default="auto",
+        help="auto: DDP, or FSDP/ZeRO-2 when the accelerate config asks; zero2: FSDP2 keeping weights gathered "
+        "from forward to backward",
+    )
+    d.add_argument("--cpu-offload", action="store_true", help="FSDP: weights, gradients, optimizer step on the CPU")
+    d.add_argument(
+        "--teacher-placement",
+        choices=TEACHER_PLACEMENTS,
+        default="auto",
+        help="frozen teacher: auto (shard under FSDP, else device), device, shard, offload (CPU, block by block)",
+    )
+
     r = p.add_argument_group("checkpoints and export")
     r.add_argument("--checkpoint-every", type=int, default=200)
     r.add_argument("--keep-checkpoints", type=int, default=2)
@@ -125,6 +144,9 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
         gradient_checkpointing=args.gradient_checkpointing,
         progress=not args.no_progress,
         resume=not args.no_resume,
+        parallel=args.parallel,
+        cpu_offload=args.cpu_offload,
+        teacher_placement=args.teacher_placement,
     )
 
 
@@ -133,21 +155,23 @@ def run(args: argparse.Namespace) -> Path:
     opts = train_options(args)
     family = detect_family(args.model, args.revision)
     cache = args.cache or args.output / "cache"
-    if args.data:
-        prepare(
-            args.model,
-            args.data,
-            cache,
-            num_frames=args.num_frames,
-            height=args.height,
-            width=args.width,
-            max_text_len=args.max_text_len or DEFAULT_TEXT_LEN[family],
-            frame_stride=args.frame_stride,
-            revision=args.revision,
-            device=args.device,
-            progress=not args.no_progress,
-        )
-    elif not Path(cache).is_dir():
+    ctx = init_distributed()  # several processes: rank 0 prepares and exports, all train
+    with ctx.main_first() as main:
+        if args.data and main:
+            prepare(
+                args.model,
+                args.data,
+                cache,
+                num_frames=args.num_frames,
+                height=args.height,
+                width=args.width,
+                max_text_len=args.max_text_len or DEFAULT_TEXT_LEN[family],
+                frame_stride=args.frame_stride,
+                revision=args.revision,
+                device=args.device,
+                progress=not args.no_progress,
+            )
+    if not args.data and not Path(cache).is_dir():
         raise DataError(f"{cache}: no encoded dataset; pass --data with a folder of captioned videos")
     if args.prepare_only:
         return Path(cache)
@@ -156,6 +180,8 @@ def run(args: argparse.Namespace) -> Path:
     teacher = load_teacher(args.model, family, torch.bfloat16 if cuda else torch.float32, args.revision)
     objective = make_objective(args.model, family, teacher, args.revision)
     result = train(teacher, qconfig, dataset, opts, objective=objective, device=args.device)
+    if not result.is_main_process:
+        return args.output / "transformer"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.export_dtype]
     export = save_quantized(result.student, qconfig, args.output / "transformer", dtype=dtype)
     logging.getLogger("qvgen.train").info("exported %s", export)
@@ -169,10 +195,14 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     try:
         run(args)
     except (DataError, ValueError) as e:
         print(f"error: {e}")
         return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0

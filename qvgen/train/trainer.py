@@ -1,18 +1,25 @@
-"""The QAT distillation loop shared by `python -m qvgen.train` and the demo.
+"""The QAT distillation loop shared by `python -m qvgen.train` and the demo, on one process or many.
 
-Every random draw of step `k` comes from a generator seeded with (seed, k), so a run resumed from
-its last checkpoint continues exactly as the uninterrupted run would have.
+Every random draw of step `k` comes from generators seeded with (seed, k): the step's global batch
+of `batch_size × processes × grad_accum` clips is drawn first, and each clip `j` gets its own
+generator (seed, k, j) for caption dropout, timestep and noise. A process takes its share of the
+clips, so a run with N processes sees exactly the data of one process with an N times larger batch,
+and a run resumed from its last checkpoint (on any number of processes) continues as the
+uninterrupted run would have. Multi-process training: `distributed.py`.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
+import os
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +32,17 @@ from ..config import QVGenConfig
 from ..convert import ConversionReport, convert_model, current_rank
 from ..decay import RankDecaySchedule
 from ..layers import QVGenLinear
-from .objectives import FlowMatchingObjective, predict
+from ..transforms import uses_smoothing
+from .distributed import PARALLEL_MODES, TEACHER_PLACEMENTS, Engine, meta_student, mixed_precision_from_env
+from .memory import MemoryEstimate, estimate_memory
+from .objectives import FlowMatchingObjective, NoisyBatch, predict
 from .state import (
+    checkpoint_keys,
     list_checkpoints,
     match_phi_structure,
+    optimizer_state,
     read_training_state,
-    restore_optimizer,
-    save_training_state,
+    write_training_state,
 )
 
 log = logging.getLogger("qvgen.train")
@@ -43,7 +54,7 @@ class TrainOptions:
 
     output_dir: Path = Path("qvgen-output")
     steps: int = 2667
-    batch_size: int = 1
+    batch_size: int = 1  # clips per micro-step per process; the global batch is × processes × grad_accum
     grad_accum: int = 1
     lr: float = 3e-5
     clip_lr: float = 1e-2
@@ -59,11 +70,19 @@ class TrainOptions:
     gradient_checkpointing: bool | None = None  # None: on when CUDA is used
     progress: bool = True
     resume: bool = True
+    # several processes (torchrun / accelerate launch): see distributed.py
+    parallel: str = "auto"  # auto: DDP, or what `accelerate launch`'s config asks for; "ddp", "fsdp", "zero2", "none"
+    cpu_offload: bool = False  # FSDP: sharded weights, gradients and the optimizer step on the CPU
+    teacher_placement: str = "auto"  # auto: "shard" under FSDP, else "device"; or "offload" (CPU, block by block)
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise ValueError(f"mixed_precision: expected 'auto', 'bf16' or 'no', got {self.mixed_precision!r}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel: expected one of {PARALLEL_MODES}, got {self.parallel!r}")
+        if self.teacher_placement not in TEACHER_PLACEMENTS:
+            raise ValueError(f"teacher_placement: expected one of {TEACHER_PLACEMENTS}, got {self.teacher_placement!r}")
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
@@ -79,6 +98,11 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     report: ConversionReport | None = None
     resumed_from: int | None = None
+    memory: MemoryEstimate | None = None
+    world_size: int = 1
+    # With several processes only rank 0 gets the whole trained student (`student`); the others get
+    # their wrapped shard of it. Export on the main process only.
+    is_main_process: bool = True
 
 
 class LatentDataset(Dataset):
@@ -158,28 +182,43 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def sample_batch(ds: LatentDataset, opts: TrainOptions, gen: torch.Generator, device) -> tuple[Tensor, Tensor]:
-    idx = torch.randint(len(ds), (opts.batch_size,), generator=gen).tolist()
-    latents = torch.stack([ds[i][0] for i in idx]).to(device)
-    texts = torch.stack([ds[i][1] for i in idx])
-    drop = torch.rand(opts.batch_size, generator=gen) < opts.caption_dropout
-    texts[drop] = ds.empty_text.to(texts.dtype)
-    return latents, texts.to(device)
+def _sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    digest = hashlib.blake2b(f"qvgen/{seed}/{step}/{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
-def _resume(student, optimizer, scheduler, ckpt_dir: Path) -> int:
-    ckpts = list_checkpoints(ckpt_dir)
-    if not ckpts:
-        return 0
-    sd, opt_tensors, meta = read_training_state(ckpts[-1])
-    match_phi_structure(student, sd)
-    student.load_state_dict(sd)
-    sync_optimizer_with_phi(optimizer, student)
-    restore_optimizer(optimizer, opt_tensors, meta)
-    if meta.get("scheduler") is not None:
-        scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(meta["torch_rng"])
-    return int(meta["step"])
+def global_batch_indices(n: int, seed: int, step: int, size: int) -> list[int]:
+    """Dataset indices of step `step`'s global batch (the same on every process)."""
+    return torch.randint(n, (size,), generator=_step_generator(seed, step)).tolist()
+
+
+def make_batch(
+    ds: LatentDataset, objective, opts: TrainOptions, step: int, indices: list[int], samples: range, device
+) -> NoisyBatch:
+    """The noisy inputs of global-batch clips `samples`, each drawn from its own (seed, step, clip) generator."""
+    parts = []
+    for j in samples:
+        gen = _sample_generator(opts.seed, step, j)
+        latents, text = ds[indices[j]]
+        if float(torch.rand((), generator=gen)) < opts.caption_dropout:
+            text = ds.empty_text.to(text.dtype)
+        parts.append(objective.make_inputs(latents[None].to(device), text[None].to(device), gen))
+    return collate(parts)
+
+
+def collate(parts: list[NoisyBatch]) -> NoisyBatch:
+    """Concatenate one-clip batches: tensors along dim 0; anything else (e.g. rotary embeddings) is shared."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def merge(values: list[Any]) -> Any:
+        v = values[0]
+        return torch.cat(values) if isinstance(v, Tensor) and v.dim() > 0 else v
+
+    return NoisyBatch(
+        {k: merge([p.inputs[k] for p in parts]) for k in parts[0].inputs},
+        {k: merge([p.aux[k] for p in parts]) for k in parts[0].aux},
+    )
 
 
 def _truncate_log(path: Path, start: int) -> list[dict[str, Any]]:
@@ -190,6 +229,24 @@ def _truncate_log(path: Path, start: int) -> list[dict[str, Any]]:
     rows = [r for r in rows if r["step"] < start]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
+
+
+def _init_layers_on(student: nn.Module, config: QVGenConfig, device: torch.device, progress: bool) -> None:
+    """`convert_model`'s initialisation (clip search, Φ's SVD) one layer at a time on `device`, for a
+    student too large to hold on the GPU before it is sharded."""
+    if uses_smoothing(config.input_transform):
+        warnings.warn("smoothing without calibration data: scales start at 1", stacklevel=3)
+    layers = [m for m in student.modules() if isinstance(m, QVGenLinear)]
+    for layer in tqdm(layers, desc="QVGen: initialising quantizers", disable=not progress):
+        home = layer.weight.device
+        layer.to(device).init_quantization()
+        layer.to(home)
+
+
+def _gradient_checkpointing(opts: TrainOptions, device: torch.device) -> bool:
+    if opts.gradient_checkpointing is not None:
+        return opts.gradient_checkpointing
+    return device.type == "cuda" or os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true"
 
 
 def train(
@@ -203,52 +260,137 @@ def train(
     device: str | torch.device | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Distil `teacher` into a QVGen student for `opts.steps` steps (resuming when possible)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Distil `teacher` into a QVGen student for `opts.steps` steps (resuming when possible).
+
+    Under `torchrun` / `accelerate launch` every process calls this with the same arguments; the
+    options' `parallel` picks DDP or FSDP2 (see distributed.py). `device` None or "cuda" means this
+    process's GPU.
+    """
+    with Engine.setup(opts.parallel, opts.cpu_offload, opts.teacher_placement, device) as engine:
+        return _train(engine, teacher, config, dataset, opts, objective, student, on_step)
+
+
+def _train(
+    engine: Engine,
+    teacher: nn.Module,
+    config: QVGenConfig,
+    dataset: LatentDataset,
+    opts: TrainOptions,
+    objective,
+    student: nn.Module | None,
+    on_step: Callable[[int, dict[str, Any]], None] | None,
+) -> TrainResult:
+    device, plan, main = engine.device, engine.plan, engine.is_main
+    opts = replace(opts, mixed_precision=mixed_precision_from_env(opts.mixed_precision))
     objective = objective or FlowMatchingObjective(config.num_train_timesteps)
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    ckpt_dir = opts.output_dir / "checkpoints"
+    say = _say if main else (lambda *_: None)
+
+    # where to start: rank 0 looks, everyone learns the answer
+    ckpt = None
+    if main and opts.resume:
+        found = list_checkpoints(ckpt_dir)
+        ckpt = found[-1] if found else None
+    ckpt = engine.broadcast_object(ckpt)
+
+    # the student: built and initialised once (rank 0), weightless elsewhere, then rank 0's state
+    # (fresh or from the checkpoint) reaches every rank while wrapping
+    on_device = plan.teacher == "device" and not plan.sharded
+    if on_device:
+        teacher = teacher.to(device)  # the student is then built and initialised on the GPU
     report = None
     if student is None:
-        student, report = build_student(teacher, config, progress=opts.progress)
-    student.to(device).train()
-    if opts.gradient_checkpointing or (opts.gradient_checkpointing is None and device.type == "cuda"):
-        if hasattr(student, "enable_gradient_checkpointing"):
-            student.enable_gradient_checkpointing()
+        if not engine.build_on_this_rank():
+            student = meta_student(lambda t: build_student(t, config, init=False, progress=False)[0], teacher)
+        elif on_device:
+            student, report = build_student(teacher, config, init=ckpt is None, progress=opts.progress)
+        else:  # a CPU copy, sharded or moved later; initialised layer by layer on the GPU
+            student, report = build_student(teacher, config, init=False, progress=opts.progress)
+            if ckpt is None:
+                _init_layers_on(student, config, device, opts.progress)
+    student.train()
+    start, resume, saved, optim_sd = 0, None, None, None
+    if ckpt is not None:
+        if main:
+            sd, opt_tensors, saved = read_training_state(ckpt)
+            match_phi_structure(student, sd)
+            student.load_state_dict(sd)
+            del sd
+        else:
+            match_phi_structure(student, checkpoint_keys(ckpt))
+        resume = engine.broadcast_object({k: saved[k] for k in ("step", "scheduler", "torch_rng")} if main else None)
+        start = int(resume["step"])
+    checkpointing = _gradient_checkpointing(opts, device) and hasattr(student, "enable_gradient_checkpointing")
+    if checkpointing:
+        student.enable_gradient_checkpointing()
+    memory = estimate_memory(student, teacher, plan, engine.world_size, checkpointing) if main else None
+    final_copy = engine.export_copy(student)
+
+    model = engine.wrap_student(student)
+    student = engine.unwrap(model)
+    teacher = engine.place_teacher(teacher)
     schedule = RankDecaySchedule(config.rank, config.phase_steps, config.decay_factor)
     optimizer, scheduler = make_optimizer(student, opts)
-    ckpt_dir = opts.output_dir / "checkpoints"
-    opts.output_dir.mkdir(parents=True, exist_ok=True)
-    start = _resume(student, optimizer, scheduler, ckpt_dir) if opts.resume else 0
+    if ckpt is not None:
+        if main:
+            optim_sd = optimizer_state(opt_tensors, saved, student, optimizer)
+        engine.load_optimizer(model, optimizer, optim_sd)
+        del optim_sd
+        if resume.get("scheduler") is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["torch_rng"])
+
+    b, world = opts.batch_size, engine.world_size
+    global_batch = b * world * opts.grad_accum
     log_path = opts.output_dir / "train_log.jsonl"
-    history = _truncate_log(log_path, start) if start else []
-    if not start:
-        log_path.write_text("")
-    (opts.output_dir / "train_config.json").write_text(
-        json.dumps({"quantization": config.to_dict(), "options": asdict(opts)}, indent=2, default=str)
-    )
-    bar = tqdm(range(start, opts.steps), initial=start, total=opts.steps, desc="QVGen QAT", disable=not opts.progress)
+    history: list[dict[str, Any]] = []
+    if main:
+        opts.output_dir.mkdir(parents=True, exist_ok=True)
+        history = _truncate_log(log_path, start) if start else []
+        if not start:
+            log_path.write_text("")
+        (opts.output_dir / "train_config.json").write_text(
+            json.dumps(
+                {"quantization": config.to_dict(), "options": asdict(opts), "world_size": engine.world_size},
+                indent=2,
+                default=str,
+            )
+        )
+        procs = "1 process" if world == 1 else f"{world} processes"
+        say(
+            f"QVGen training on {procs}: {plan.describe()}; global batch {global_batch} = {opts.batch_size} "
+            f"per process × {world} × {opts.grad_accum} accumulation step(s)",
+            opts,
+        )
+        say(str(memory), opts)
+    engine.barrier()
+
+    show = opts.progress and main
+    bar = tqdm(range(start, opts.steps), initial=start, total=opts.steps, desc="QVGen QAT", disable=not show)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for step in bar:
-        if schedule.apply(student, step):
+        if engine.apply_decay(schedule, model, step):
             sync_optimizer_with_phi(optimizer, student)
             params = [p for g in optimizer.param_groups for p in g["params"]]
         t0 = time.perf_counter()
         loss_sum = 0.0
-        gen = _step_generator(opts.seed, step)
-        for _ in range(opts.grad_accum):
-            latents, texts = sample_batch(dataset, opts, gen, device)
-            noisy = objective.make_inputs(latents, texts, gen)
+        indices = global_batch_indices(len(dataset), opts.seed, step, global_batch)
+        for micro in range(opts.grad_accum):
+            first = micro * b * world + engine.rank * b
+            noisy = make_batch(dataset, objective, opts, step, indices, range(first, first + b), device)
             with torch.no_grad(), _autocast(device, opts):
                 target = predict(teacher, noisy.inputs)
-            with _autocast(device, opts):
-                out = predict(student, noisy.inputs)
-            loss = objective.loss(out, target, noisy.aux) / opts.grad_accum
-            loss.backward()
+            with engine.sync_context(model, micro == opts.grad_accum - 1):
+                with _autocast(device, opts):
+                    out = predict(model, noisy.inputs)
+                loss = objective.loss(out, target, noisy.aux) / opts.grad_accum
+                loss.backward()
             loss_sum += float(loss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.grad_clip))
+        grad_norm = engine.clip_grad_norm(params, opts.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        loss_sum = engine.mean(loss_sum)
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"step {step}: loss is {loss_sum}; lower --lr or check the data")
         rec = {
@@ -261,12 +403,56 @@ def train(
             "sec": round(time.perf_counter() - t0, 4),
         }
         history.append(rec)
-        with log_path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if main:
+            with log_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
         bar.set_postfix(loss=f"{loss_sum:.4g}", rank=rec["rank"], gnorm=f"{grad_norm:.3g}")
         if on_step is not None:
             on_step(step, rec)
         if (step + 1) % opts.checkpoint_every == 0 or step + 1 == opts.steps:
-            save_training_state(ckpt_dir, step + 1, student, optimizer, scheduler, keep=opts.keep_checkpoints)
-    schedule.apply(student, opts.steps)  # Φ's state at the end (removed once the schedule ran out)
-    return TrainResult(student=student.eval(), history=history, report=report, resumed_from=start or None)
+            model_sd, optim_sd = engine.full_state(model, optimizer)
+            if main:
+                write_training_state(
+                    ckpt_dir, step + 1, model_sd, optim_sd, scheduler.state_dict(), keep=opts.keep_checkpoints
+                )
+            engine.barrier()
+
+    final = _final_student(engine, model, student, final_copy)
+    if final is not None:
+        schedule.apply(final, opts.steps)  # Φ's state at the end (removed once the schedule ran out)
+        final.eval()
+    return TrainResult(
+        student=final if final is not None else model,
+        history=history,
+        report=report,
+        resumed_from=start or None,
+        memory=memory,
+        world_size=engine.world_size,
+        is_main_process=main,
+    )
+
+
+def _final_student(engine: Engine, model: nn.Module, student: nn.Module, final_copy: nn.Module | None):
+    """The trained student as a plain module: itself (one process, DDP), or rank 0's gathered copy (FSDP)."""
+    if engine.plan.kind == "none":
+        return student
+    if engine.plan.kind == "ddp":
+        if engine.is_main:
+            for layer in student.modules():
+                if isinstance(layer, QVGenLinear) and layer.phi_mask is not None and not layer.phi_mask.any():
+                    layer.remove_phi()  # dormant Φ (see distributed.py)
+            return student
+        return None
+    sd, _ = engine.full_state(model)
+    if not engine.is_main:
+        return None
+    match_phi_structure(final_copy, sd)
+    final_copy.load_state_dict(sd, assign=True)
+    return final_copy
+
+
+def _say(msg: str, opts: TrainOptions) -> None:
+    if opts.progress:
+        tqdm.write(msg)
+    else:
+        log.info(msg)
