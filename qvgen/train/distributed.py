@@ -89,7 +89,7 @@ def resolve_plan(parallel: str, cpu_offload: bool, teacher: str, world_size: int
         kind, reshard, offload, source = _plan_from_accelerate_env(world_size)
         cpu_offload = cpu_offload or offload
         if kind == "none" and cpu_offload:
-            kind = "fsdp"  # offloading needs the sharded engine, even on one GPU
+            kind, source = "fsdp", "cpu_offload"  # offloading needs the sharded engine, even on one GPU
     if kind == "none" and world_size > 1:
         raise ValueError(f"parallel 'none' with {world_size} processes; use 'ddp', 'fsdp' or 'zero2'")
     if cpu_offload and kind != "fsdp":
@@ -161,7 +161,7 @@ def init_distributed(need_group: bool = False) -> DistContext:
     """Join the process group `torchrun` / `accelerate launch` describe in the environment (no-op alone).
 
     The group stays up for the life of the process (later calls reuse it). `need_group` makes a
-    private one-process group, which FSDP needs even on a single GPU; the caller destroys that one.
+    private one-process group, which DDP and FSDP need even on a single GPU; the caller destroys it.
     """
     if dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
@@ -199,7 +199,7 @@ class Engine:
     def setup(cls, parallel: str, cpu_offload: bool, teacher: str, device) -> Iterator[Engine]:
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         plan = resolve_plan(parallel, cpu_offload, teacher, world)
-        ctx = init_distributed(need_group=plan.sharded)
+        ctx = init_distributed(need_group=plan.kind != "none")
         engine = cls(plan, ctx, resolve_device(device, ctx.local_rank))
         try:
             yield engine
