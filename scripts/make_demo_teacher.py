@@ -9,7 +9,7 @@ are an exponential moving average. Everything is seeded: the same arguments give
 same torch build. About 10 minutes on 2 CPU cores with the defaults.
 
     python scripts/make_demo_teacher.py                    # writes the committed asset
-    python scripts/make_demo_teacher.py --output /tmp/t.safetensors --steps 300 --preview /tmp/preview.png
+    python scripts/make_demo_teacher.py --output teacher.safetensors --steps 300 --preview preview.png
 """
 
 from __future__ import annotations

@@ -147,24 +147,31 @@ def build_packed_model(
             report.skipped.append(name)
             continue
         r = min(rank or 0, linear.in_features, linear.out_features)
-        layer = PackedLinear(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            weight_bits=config.weight_bits,
-            act_bits=config.act_bits,
-            n_buckets=config.n_buckets,
-            rank=r,
-            dtype=dtype,
-            device=device if device is not None else linear.weight.device,
-            input_transform=config.input_transform,
-            hadamard_block_max=config.hadamard_block,
-        )
+        layer = packed_shell(linear, config, r, dtype, device if device is not None else linear.weight.device)
         layer.timestep_state = state
         setattr(parent, child, layer)
         report.converted.append(name)
         report.quantized_params += linear.weight.numel()
     return report
+
+
+def packed_shell(
+    linear: nn.Module, config: QVGenConfig, rank: int, dtype: torch.dtype, device: torch.device | str
+) -> PackedLinear:
+    """An empty `PackedLinear` with the shape of `linear` and the settings of `config`."""
+    return PackedLinear(
+        linear.in_features,
+        linear.out_features,
+        linear.bias is not None,
+        weight_bits=config.weight_bits,
+        act_bits=config.act_bits,
+        n_buckets=config.n_buckets,
+        rank=rank,
+        dtype=dtype,
+        device=device,
+        input_transform=config.input_transform,
+        hadamard_block_max=config.hadamard_block,
+    )
 
 
 @torch.no_grad()
@@ -176,19 +183,7 @@ def pack_model(model: nn.Module, config: QVGenConfig, dtype: torch.dtype = torch
             continue
         tensors = module.export_tensors()
         r = module.rank
-        layer = PackedLinear(
-            module.in_features,
-            module.out_features,
-            module.bias is not None,
-            weight_bits=config.weight_bits,
-            act_bits=config.act_bits,
-            n_buckets=config.n_buckets,
-            rank=r,
-            dtype=dtype,
-            device=module.weight.device,
-            input_transform=config.input_transform,
-            hadamard_block_max=config.hadamard_block,
-        )
+        layer = packed_shell(module, config, r, dtype, module.weight.device)
         layer.load_state_dict({k: v.to(getattr(layer, k).dtype) for k, v in tensors.items()})
         layer.timestep_state = state
         parent_name, _, child = name.rpartition(".")
