@@ -12,6 +12,18 @@ SCALE_MIN = 1e-5  # the training quantizer's floor on the activation scale (qvge
 ClipArg = Tensor | float
 
 
+def exact_div(a: Tensor, d: float) -> Tensor:
+    """`a / d` rounded as IEEE division on every device.
+
+    CUDA PyTorch turns division by a Python scalar into a multiplication by its reciprocal
+    (up to one ulp off), while CPU PyTorch and the Triton kernels (`div_rn`) divide exactly;
+    a divisor tensor on a's device keeps the quantizer's scales bit-identical everywhere.
+    """
+    if a.dtype != torch.float32 or a.device.type == "cpu":
+        return a / d
+    return a / torch.full((), d, dtype=a.dtype, device=a.device)
+
+
 def check_act_bits(bits: int) -> int:
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"activation bits must be an int in 2..8, got {bits!r}")
@@ -158,7 +170,7 @@ def apply_transform(x2d: Tensor, signs: Tensor | None, block: int, smooth: Tenso
     if signs is not None:
         v = v * signs
         if block > 1:
-            v = fwht_fp32(v, block) / math.sqrt(block)
+            v = exact_div(fwht_fp32(v, block), math.sqrt(block))
     if smooth is not None:
         v = v / smooth
     return v

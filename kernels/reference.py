@@ -18,6 +18,7 @@ from .common import (
     check_act_bits,
     check_linear_args,
     check_transform,
+    exact_div,
     has_transform,
     row_factors,
 )
@@ -30,7 +31,7 @@ def act_qparams(x2d: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor,
     xf = x2d.float()
     xmin = xf.amin(dim=-1, keepdim=True) * lo[:, None]
     xmax = xf.amax(dim=-1, keepdim=True) * hi[:, None]
-    s = ((xmax - xmin) / qmax).clamp(min=SCALE_MIN)
+    s = exact_div(xmax - xmin, qmax).clamp(min=SCALE_MIN)
     z = torch.clamp(torch.round(-xmin / s), 0, qmax)
     return s, z
 

@@ -358,8 +358,8 @@ def _linear_kernel(
             if A_SRC == 1:
                 a_e = tl.load(a_ptr + a_row[None, :] + offs_kh[:, None], mask=offs_kh[:, None] < KH, other=0)
                 a_o = tl.load(a_ptr + a_row[None, :] + HALF + offs_kh[:, None], mask=offs_kh[:, None] < KO, other=0)
-                acc = tl.dot((p & 0xF).to(tl.int8), a_e, acc)
-                acc = tl.dot((p >> 4).to(tl.int8), a_o, acc)
+                acc = tl.dot((p & 0xF).to(tl.int8), a_e, acc, out_dtype=tl.int32)
+                acc = tl.dot((p >> 4).to(tl.int8), a_o, acc, out_dtype=tl.int32)
             else:
                 # (BKH, BLOCK_M, 2) tile of x: the pair (2j, 2j+1) side by side, split in registers
                 kk = 2 * offs_kh[:, None, None] + tl.arange(0, 2)[None, None, :]
@@ -370,8 +370,8 @@ def _linear_kernel(
                     d3 = tl.where(kk < K, q3 - z_x[None, :, None], 0.0)
                     rsum += tl.sum(tl.sum(d3, axis=2), axis=0).to(tl.int32)
                     a_e, a_o = tl.split(a3.to(tl.int8))
-                    acc = tl.dot((p & 0xF).to(tl.int8), a_e, acc)
-                    acc = tl.dot((p >> 4).to(tl.int8), a_o, acc)
+                    acc = tl.dot((p & 0xF).to(tl.int8), a_e, acc, out_dtype=tl.int32)
+                    acc = tl.dot((p >> 4).to(tl.int8), a_o, acc, out_dtype=tl.int32)
                 else:
                     xsum += tl.sum(tl.sum(x3.to(tl.float32), axis=2), axis=0)
                     x_e, x_o = tl.split(x3)
@@ -402,7 +402,7 @@ def _linear_kernel(
                     q = _quantize_t(xt.to(tl.float32), s_x, z_x, QMAX)
                     a = tl.where(k_ok[:, None], q - c_x[None, :], 0.0).to(tl.int8)
                     rsum += tl.sum(tl.where(k_ok[:, None], q - z_x[None, :], 0.0), axis=0).to(tl.int32)
-                acc = tl.dot(b, a, acc)
+                acc = tl.dot(b, a, acc, out_dtype=tl.int32)
 
     # ---- epilogue, on the transposed tile: dim 0 = output channels, dim 1 = tokens ----
     s_w = tl.load(sw_ptr + cols_c)

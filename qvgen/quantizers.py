@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from qvgen_kernels.common import exact_div
 from torch import Tensor, nn
 
 SCALE_MIN = 1e-5
@@ -57,7 +58,7 @@ def _search_rows(w: Tensor, bits: int, norm: float) -> tuple[Tensor, Tensor]:
     ratios = torch.tensor(CLIP_RATIOS, device=w.device).view(-1, 1, 1)
     lo = w.amin(dim=1, keepdim=True) * ratios  # (R, rows, 1)
     hi = w.amax(dim=1, keepdim=True) * ratios
-    s = ((hi - lo) / qmax).clamp(min=SCALE_MIN)
+    s = exact_div(hi - lo, qmax).clamp(min=SCALE_MIN)
     z = -lo / s
     err = (fake_quant_weight(w, s, z, bits) - w).abs().pow(norm).sum(dim=2)  # (R, rows)
     best = err.argmin(dim=0)  # first (largest) ratio on ties, as a sequential search would keep
@@ -95,7 +96,7 @@ def act_qparams(x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, bit
     qmax = 2**bits - 1
     xmin = x.amin(dim=-1, keepdim=True) * clip_lo
     xmax = x.amax(dim=-1, keepdim=True) * clip_hi
-    s = ((xmax - xmin) / qmax).clamp(min=SCALE_MIN)
+    s = exact_div(xmax - xmin, qmax).clamp(min=SCALE_MIN)
     z = torch.clamp(round_ste(-xmin / s), 0, qmax)
     return s, z
 

@@ -15,6 +15,7 @@ import math
 import zlib
 
 import torch
+from qvgen_kernels.common import exact_div
 from torch import Tensor
 
 TRANSFORMS = ("none", "hadamard", "smooth", "smooth_hadamard")
@@ -44,7 +45,7 @@ def fwht(x: Tensor, block: int) -> Tensor:
         a, b = y[..., 0, :], y[..., 1, :]
         y = torch.stack((a + b, a - b), dim=3)
         h *= 2
-    return (y.reshape(shape) / math.sqrt(block)).to(x.dtype)
+    return exact_div(y.reshape(shape), math.sqrt(block)).to(x.dtype)
 
 
 def random_signs(n: int, name: str, seed: int) -> Tensor:
