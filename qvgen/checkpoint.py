@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import ConfigError, QVGenConfig
+from .config import FORMAT_VERSION, ConfigError, QVGenConfig
 from .convert import current_rank
 from .layers import PackedLinear, QVGenLinear
 
@@ -107,8 +107,10 @@ def _atomic_dir(path: Path, write) -> None:
 
 
 def finalize_config(config: QVGenConfig, model: nn.Module) -> QVGenConfig:
-    """Copy of `config` with `current_rank` set from the model's Φ."""
-    return QVGenConfig.from_dict({**config.to_dict(), "current_rank": current_rank(model)})
+    """Copy of `config` with `current_rank` set from the model's Φ, in the current format version."""
+    return QVGenConfig.from_dict(
+        {**config.to_dict(), "current_rank": current_rank(model), "format_version": FORMAT_VERSION}
+    )
 
 
 def save_quantized(
@@ -121,8 +123,21 @@ def save_quantized(
     dtype: torch.dtype | None = torch.bfloat16,
     max_shard_size: str = "10GB",
 ) -> Path:
-    """Write a QVGen checkpoint: a folder, or one file when `path` ends in `.safetensors`."""
+    """Write a QVGen checkpoint: a folder, or one file when `path` ends in `.safetensors`.
+
+    Scheme `convrot_w4a4` models are written in ComfyUI's native format instead
+    (`qvgen.comfy_native.export_comfy`), always as one `.safetensors` file.
+    """
     path = Path(path)
+    if config.scheme == "convrot_w4a4":
+        from .comfy_native import export_comfy
+
+        if path.suffix != ".safetensors" or single_file is False:
+            raise CheckpointError(
+                f"{path}: scheme 'convrot_w4a4' exports one ComfyUI .safetensors file; "
+                "pass a path ending in .safetensors"
+            )
+        return export_comfy(model, config, path, model_config=model_config, dtype=dtype).path
     single_file = path.suffix == ".safetensors" if single_file is None else single_file
     config = finalize_config(config, model)
     if model_config is None:
@@ -178,6 +193,15 @@ def read_safetensors(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, meta
 
 
+def read_safetensors_metadata(file: Path) -> dict[str, str]:
+    """The header metadata of one file (no tensors read), with errors that name the file."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
 def _folder_files(folder: Path) -> list[Path]:
     index = folder / INDEX_NAME
     if index.is_file():
@@ -223,6 +247,11 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: metadata '{META_MODEL_CONFIG}' is not valid JSON ({e})") from None
         files = [path]
+    if config.scheme == "convrot_w4a4":
+        raise CheckpointError(
+            f"{path}: a ComfyUI-native ConvRot checkpoint (scheme 'convrot_w4a4'), not a packed QVGen one; "
+            "load it with ComfyUI's stock 'Load Diffusion Model' node or qvgen.comfy_native.load_comfy_native"
+        )
     validate_state_dict(state, config, str(path))
     return Checkpoint(config, model_config, state, files)
 
@@ -358,6 +387,20 @@ def load_quantized_model(
     """Build the model described by a checkpoint (diffusers class from its config) and load it."""
     from .convert import build_packed_model
 
+    path = Path(path)
+    if path.is_file():
+        from .comfy_native import is_comfy_native, load_comfy_native
+
+        if is_comfy_native(read_safetensors_metadata(path)):
+            model = None
+            if model_cls is not None:
+                from accelerate import init_empty_weights
+
+                cfg = json.loads(read_safetensors_metadata(path).get(META_MODEL_CONFIG, "{}"))
+                cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+                with init_empty_weights():
+                    model = model_cls.from_config(cfg) if hasattr(model_cls, "from_config") else model_cls(**cfg)
+            return load_comfy_native(path, model, dtype=dtype, device=device)
     ckpt = load_checkpoint(path)
     if model_cls is None:
         cls_name = ckpt.model_config.get("_class_name")

@@ -13,8 +13,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the `scheme` field (version-1 configs have none and are read as "qvgen")
 QUANT_METHOD = "qvgen"
+# qvgen: the paper's asymmetric W{b}A{b} with learned clipping (QVGen's own packed format);
+# convrot_w4a4: ComfyUI's native ConvRot arithmetic (qvgen/convrot.py), exported in ComfyUI's format.
+SCHEMES = ("qvgen", "convrot_w4a4")
 
 
 class ConfigError(ValueError):
@@ -46,6 +49,7 @@ class QVGenConfig:
     transform_seed: int = 0
     smooth_alpha: float = 0.5
     train_transform: bool = False
+    scheme: str = "qvgen"
     format_version: int = FORMAT_VERSION
     quant_method: str = QUANT_METHOD
 
@@ -84,10 +88,28 @@ class QVGenConfig:
             raise ConfigError(f"hadamard_block: expected a power of two, got {self.hadamard_block!r}")
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise ConfigError(f"smooth_alpha: expected a value in [0, 1], got {self.smooth_alpha!r}")
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"scheme: expected one of {list(SCHEMES)}, got {self.scheme!r}")
+        if self.scheme == "convrot_w4a4":
+            self._validate_convrot()
         for name in ("modules_to_convert", "modules_to_not_convert"):
             v = getattr(self, name)
             if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
                 raise ConfigError(f"{name}: expected a list of name patterns, got {v!r}")
+
+    def _validate_convrot(self) -> None:
+        """ConvRot fixes the arithmetic: W4, per-token A4 (or A8, ComfyUI's int8 path), its own rotation."""
+        if self.weight_bits != 4:
+            raise ConfigError(f"weight_bits: scheme 'convrot_w4a4' stores int4 weights, got {self.weight_bits!r}")
+        if self.act_bits not in (4, 8):
+            raise ConfigError(
+                f"act_bits: scheme 'convrot_w4a4' quantizes tokens to int4 (4) or int8 (8), got {self.act_bits!r}"
+            )
+        if self.input_transform != "none":
+            raise ConfigError(
+                "input_transform: scheme 'convrot_w4a4' applies its own Hadamard rotation; "
+                f"expected 'none', got {self.input_transform!r}"
+            )
 
     # ---- layer selection -------------------------------------------------------------------
     def should_convert(self, name: str) -> bool:

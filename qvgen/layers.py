@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import convrot
 from .config import QVGenConfig
 from .kernels_import import qvgen_kernels
 from .quantizers import SCALE_MIN, ActQuantizer, WeightQuantizer, select_clip
@@ -61,12 +62,24 @@ class QVGenLinear(nn.Module):
         # The weight lives in the transformed input space (rotation folded in at conversion).
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.weight_quantizer = WeightQuantizer(out_features, in_features, config.weight_bits)
-        self.act_quantizer = (
-            ActQuantizer(config.act_bits, config.n_buckets, config.act_fixed_clip, config.act_clip_logit_init)
-            if config.act_bits is not None
-            else None
-        )
+        self.scheme = config.scheme
+        self.weight_quantizer: WeightQuantizer | convrot.SymmetricWeightQuantizer
+        self.act_quantizer: ActQuantizer | convrot.AbsmaxActQuantizer | None
+        if self.scheme == "convrot_w4a4":
+            if not convrot.supports(in_features):
+                raise ValueError(
+                    f"{name or 'layer'}: ConvRot needs in_features divisible by {convrot.CONVROT_GROUP}, "
+                    f"got {in_features}"
+                )
+            self.weight_quantizer = convrot.SymmetricWeightQuantizer(out_features, in_features, config.weight_bits)
+            self.act_quantizer = convrot.AbsmaxActQuantizer(config.act_bits)
+        else:
+            self.weight_quantizer = WeightQuantizer(out_features, in_features, config.weight_bits)
+            self.act_quantizer = (
+                ActQuantizer(config.act_bits, config.n_buckets, config.act_fixed_clip, config.act_clip_logit_init)
+                if config.act_bits is not None
+                else None
+            )
         r = min(config.rank if rank is None else rank, in_features, out_features)
         self.phi_down: nn.Parameter | None = None
         self.phi_up: nn.Parameter | None = None
@@ -83,6 +96,8 @@ class QVGenLinear(nn.Module):
         self.quantize_acts = True
 
     def _init_transform(self, config: QVGenConfig, name: str) -> None:
+        # ConvRot: regular-Hadamard groups of 256, no signs, no smoothing (input_transform is "none").
+        self.convrot_group = convrot.CONVROT_GROUP if self.scheme == "convrot_w4a4" else 0
         self.transform = config.input_transform
         self.rot_block = hadamard_block(self.in_features, config.hadamard_block)
         signs = random_signs(self.in_features, name, config.transform_seed) if uses_rotation(self.transform) else None
@@ -102,6 +117,8 @@ class QVGenLinear(nn.Module):
             w = linear.weight.float()
             if layer.input_signs is not None:
                 w = rotate(w, layer.input_signs, layer.rot_block)
+            if layer.convrot_group:
+                w = convrot.rotate(w, layer.convrot_group)
             layer.weight.copy_(w)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.float())
@@ -121,6 +138,8 @@ class QVGenLinear(nn.Module):
 
     def transform_input(self, x: Tensor) -> Tensor:
         """`x Q / s`: the rotation and smoothing the folded weight expects (identity when none)."""
+        if self.convrot_group:
+            return convrot.rotate(x, self.convrot_group)
         if self.input_signs is not None:
             x = rotate(x, self.input_signs, self.rot_block)
         s = self.smooth_scale()
@@ -211,6 +230,8 @@ class QVGenLinear(nn.Module):
     @torch.no_grad()
     def export_tensors(self) -> dict[str, Tensor]:
         """The packed-format tensors of this layer (see docs/format.md)."""
+        if self.convrot_group:
+            return self.convrot_tensors()
         wq = self.weight_quantizer
         q = wq.int_codes(self.effective_weight())
         out: dict[str, Tensor] = {
@@ -233,9 +254,80 @@ class QVGenLinear(nn.Module):
             out["phi_up"] = (self.phi_up[:, :r] * self.phi_mask[:r]).detach().float().clone()
         return out
 
+    @torch.no_grad()
+    def convrot_tensors(self) -> dict[str, Tensor]:
+        """ComfyUI's `convrot_w4a4` tensors: packed int4 `weight` (int8, out × K/2), `weight_scale`, `bias`.
+
+        Φ cannot be expressed in that format, so it must have decayed to rank 0.
+        """
+        if self.rank > 0:
+            raise ValueError(
+                f"layer has Φ rank {self.rank}; ComfyUI's convrot_w4a4 format has no low-rank branch "
+                "(train until the rank decay reaches 0)"
+            )
+        wq = self.weight_quantizer
+        out = {
+            "weight_scale": wq.export_scale(),
+            "weight": convrot.pack_int4(wq.int_codes(self.weight)),
+        }
+        if self.bias is not None:
+            out["bias"] = self.bias.detach().float().clone()
+        return out
+
     def extra_repr(self) -> str:
         a = self.act_quantizer.bits if self.act_quantizer is not None else 16
-        return f"in={self.in_features}, out={self.out_features}, W{self.weight_quantizer.bits}A{a}, rank={self.rank}"
+        kind = ", convrot" if self.convrot_group else ""
+        return (
+            f"in={self.in_features}, out={self.out_features}, W{self.weight_quantizer.bits}A{a}{kind}, rank={self.rank}"
+        )
+
+
+class ConvRotLinear(nn.Module):
+    """Inference form of a ComfyUI `convrot_w4a4` layer (same tensor names as ComfyUI's checkpoint).
+
+    Runs `convrot.convrot_linear` in PyTorch; ComfyUI itself runs the same file with
+    comfy-kitchen's kernels.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        act_bits: int = 4,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not convrot.supports(in_features):
+            raise ValueError(f"ConvRot needs in_features divisible by {convrot.CONVROT_GROUP}, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.act_bits = act_bits
+        self.group = convrot.CONVROT_GROUP
+        # `weight_scale` first: `next(module.parameters()).dtype` must be a float dtype (see PackedLinear).
+        self.weight_scale = nn.Parameter(torch.ones(out_features, device=device), requires_grad=False)
+        w = torch.zeros(out_features, in_features // 2, dtype=torch.int8, device=device)
+        self.weight = nn.Parameter(w, requires_grad=False)
+        b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
+        self.bias = None if b is None else nn.Parameter(b, requires_grad=False)
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return convrot.convrot_linear(
+            x, self.weight, self.weight_scale, self.bias, act_bits=self.act_bits, group=self.group
+        )
+
+    @torch.no_grad()
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """`s_w q_w` rotated back to the original input space (for LoRA patching and debugging)."""
+        w = convrot.unpack_int4(self.weight).float() * self.weight_scale.float()[:, None]
+        return convrot.rotate(w, self.group).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, W4A{self.act_bits}, convrot_w4a4"
 
 
 class PackedLinear(nn.Module):

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import convrot
 from ..config import QVGenConfig
-from ..layers import PackedLinear, QVGenLinear
+from ..layers import ConvRotLinear, PackedLinear, QVGenLinear
 from ..timestep import TimestepState, attach_timestep_hook
 from ..transforms import rotate, uses_smoothing
 
@@ -25,19 +26,28 @@ STATE_ATTR = "_qvgen_timestep_state"
 
 @dataclass
 class ConversionReport:
-    """What a conversion touched: module paths converted and those skipped by the config."""
+    """What a conversion touched: module paths converted, those skipped by the config, and those the
+    scheme cannot quantize (ConvRot: K not a multiple of 256), which stay in full precision."""
 
     converted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     quantized_params: int = 0
     total_params: int = 0
+    unsupported: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         pct = 100.0 * self.quantized_params / max(self.total_params, 1)
-        return (
+        text = (
             f"QVGen: converted {len(self.converted)} linear layers ({self.quantized_params:,} of "
-            f"{self.total_params:,} parameters, {pct:.1f}%); left in full precision: {len(self.skipped)}"
+            f"{self.total_params:,} parameters, {pct:.1f}%); left in full precision: "
+            f"{len(self.skipped) + len(self.unsupported)}"
         )
+        if self.unsupported:
+            text += (
+                f" ({len(self.unsupported)} because ConvRot needs in_features divisible by "
+                f"{convrot.CONVROT_GROUP}: {', '.join(self.unsupported[:5])}{'…' if len(self.unsupported) > 5 else ''})"
+            )
+        return text
 
 
 def _linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
@@ -50,7 +60,14 @@ def _linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Linear]
 
 def _is_foreign_linear(module: nn.Module) -> bool:
     """Linear subclasses of other frameworks (e.g. ComfyUI's ops) count as linear layers."""
-    return isinstance(module, nn.Linear) and not isinstance(module, (QVGenLinear, PackedLinear))
+    return isinstance(module, nn.Linear) and not isinstance(module, (QVGenLinear, PackedLinear, ConvRotLinear))
+
+
+def unsupported_reason(linear: nn.Module, config: QVGenConfig) -> str | None:
+    """Why the scheme cannot quantize this layer (it then stays in full precision), or None."""
+    if config.scheme == "convrot_w4a4" and not convrot.supports(linear.in_features):
+        return f"in_features {linear.in_features} is not a multiple of {convrot.CONVROT_GROUP}"
+    return None
 
 
 def timestep_state(model: nn.Module, config: QVGenConfig) -> TimestepState:
@@ -81,10 +98,12 @@ def convert_model(
     state = timestep_state(model, config)
     todo = []
     for name, parent, child, linear in _linears(model):
-        if config.should_convert(name):
-            todo.append((name, parent, child, linear))
-        else:
+        if not config.should_convert(name):
             report.skipped.append(name)
+        elif unsupported_reason(linear, config):
+            report.unsupported.append(name)
+        else:
+            todo.append((name, parent, child, linear))
     for name, parent, child, linear in tqdm(todo, desc="QVGen: quantizing layers", disable=not progress):
         layer = QVGenLinear.from_linear(linear, config, init=False, name=name)
         layer.timestep_state = state
@@ -146,6 +165,9 @@ def build_packed_model(
         if not config.should_convert(name):
             report.skipped.append(name)
             continue
+        if unsupported_reason(linear, config):
+            report.unsupported.append(name)
+            continue
         r = min(rank or 0, linear.in_features, linear.out_features)
         layer = packed_shell(linear, config, r, dtype, device if device is not None else linear.weight.device)
         layer.timestep_state = state
@@ -157,8 +179,13 @@ def build_packed_model(
 
 def packed_shell(
     linear: nn.Module, config: QVGenConfig, rank: int, dtype: torch.dtype, device: torch.device | str
-) -> PackedLinear:
-    """An empty `PackedLinear` with the shape of `linear` and the settings of `config`."""
+) -> PackedLinear | ConvRotLinear:
+    """An empty `PackedLinear` (or `ConvRotLinear`) with the shape of `linear` and the settings of `config`."""
+    if config.scheme == "convrot_w4a4":
+        if rank:
+            raise ValueError("ConvRot layers have no Φ: the rank must have decayed to 0")
+        bias = linear.bias is not None
+        return ConvRotLinear(linear.in_features, linear.out_features, bias, config.act_bits, dtype, device)
     return PackedLinear(
         linear.in_features,
         linear.out_features,
@@ -205,8 +232,8 @@ def quantization_mode(model: nn.Module, *, weights: bool = True, acts: bool = Tr
             m.quantize_weights, m.quantize_acts = w, a
 
 
-def quantized_layers(model: nn.Module) -> dict[str, QVGenLinear | PackedLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QVGenLinear, PackedLinear))}
+def quantized_layers(model: nn.Module) -> dict[str, QVGenLinear | PackedLinear | ConvRotLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QVGenLinear, PackedLinear, ConvRotLinear))}
 
 
 def current_rank(model: nn.Module) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import save_quantized
-from ..config import QVGenConfig
+from ..config import SCHEMES, QVGenConfig
 from ..decay import RankDecaySchedule
 from .data import DataError
 from .distributed import PARALLEL_MODES, TEACHER_PLACEMENTS, init_distributed
@@ -48,8 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prepare-only", action="store_true", help="encode the dataset and stop")
 
     q = p.add_argument_group("quantization")
+    q.add_argument(
+        "--scheme",
+        choices=SCHEMES,
+        default="qvgen",
+        help="qvgen: the paper's W/A quantizers, packed QVGen checkpoint; convrot_w4a4: ComfyUI's native ConvRot "
+        "arithmetic (Hadamard-256 rotation, symmetric int4 per row and per token), exported as one ComfyUI "
+        ".safetensors file that the stock loader runs",
+    )
     q.add_argument("--weight-bits", type=int, default=4)
-    q.add_argument("--act-bits", type=int, default=4, help="0 for weight-only quantization")
+    q.add_argument(
+        "--act-bits", type=int, default=4, help="0 for weight-only quantization (convrot_w4a4: 4, or 8 for int8 tokens)"
+    )
     q.add_argument("--rank", type=int, default=32, help="initial rank of the auxiliary module Φ (0: plain QAT)")
     q.add_argument("--decay-factor", type=float, default=0.5, help="rank multiplier at each phase boundary")
     q.add_argument("--phase-steps", type=int, default=None, help="steps per decay phase (default: Φ ends at rank 0)")
@@ -122,7 +132,15 @@ def quant_config(args: argparse.Namespace) -> QVGenConfig:
         phase_steps=phase,
         n_buckets=args.buckets,
         modules_to_not_convert=list(args.skip),
+        scheme=args.scheme,
     )
+
+
+def export_path(args: argparse.Namespace) -> Path:
+    """Where the export goes: the `transformer` folder, or ComfyUI's single file for ConvRot."""
+    if args.scheme == "convrot_w4a4":
+        return args.output / "comfyui" / "diffusion_model_convrot_w4a4.safetensors"
+    return args.output / "transformer"
 
 
 def train_options(args: argparse.Namespace) -> TrainOptions:
@@ -152,6 +170,8 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
 
 def run(args: argparse.Namespace) -> Path:
     qconfig = quant_config(args)  # validate settings before any heavy work
+    if args.push_to_hub and qconfig.scheme == "convrot_w4a4":
+        raise ValueError("--push-to-hub: not supported for --scheme convrot_w4a4 yet; upload the .safetensors file")
     opts = train_options(args)
     family = detect_family(args.model, args.revision)
     cache = args.cache or args.output / "cache"
@@ -181,9 +201,16 @@ def run(args: argparse.Namespace) -> Path:
     objective = make_objective(args.model, family, teacher, args.revision)
     result = train(teacher, qconfig, dataset, opts, objective=objective, device=args.device)
     if not result.is_main_process:
-        return args.output / "transformer"
+        return export_path(args)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.export_dtype]
-    export = save_quantized(result.student, qconfig, args.output / "transformer", dtype=dtype)
+    if qconfig.scheme == "convrot_w4a4":
+        from ..comfy_native import export_comfy
+
+        report = export_comfy(result.student, qconfig, export_path(args), dtype=dtype)
+        logging.getLogger("qvgen.train").info("%s", report)
+        print(f"ComfyUI ConvRot W4A4 checkpoint written to {report.path} (load it with 'Load Diffusion Model')")
+        return report.path
+    export = save_quantized(result.student, qconfig, export_path(args), dtype=dtype)
     logging.getLogger("qvgen.train").info("exported %s", export)
     print(f"QVGen checkpoint written to {export}")
     if args.push_to_hub:

@@ -1,0 +1,341 @@
+"""ComfyUI's native checkpoint format for ConvRot W4A4 models: export, inspection and loading.
+
+A model trained with `scheme="convrot_w4a4"` is written as one `.safetensors` file that current
+ComfyUI loads with its stock "Load Diffusion Model" node and runs with comfy-kitchen's kernels
+(no custom node):
+
+- tensors under ComfyUI's Wan names (`blocks.0.self_attn.q.weight`, see `qvgen.comfy_names`);
+- per quantized layer: `weight` int8 `(out, K/2)` (packed signed int4), `weight_scale` float32
+  `(out,)`, `bias` in the export dtype, and `comfy_quant`, a uint8 tensor holding the layer's JSON
+  (`{"format": "convrot_w4a4", "convrot_groupsize": 256}`), which ComfyUI's mixed-precision
+  loader reads;
+- header metadata `_quantization_metadata` = `{"format_version": "1.0", "layers": {name: conf}}`,
+  the same per-layer entries (ComfyUI's `convert_old_quants` turns it into `comfy_quant` tensors),
+  plus QVGen's own `quantization_config` (scheme `convrot_w4a4`) and `model_config`, so
+  `qvgen.load_quantized_model` can rebuild the model;
+- every other tensor (norms, patch embedding, layers ComfyUI cannot run as ConvRot because K is
+  not a multiple of 256) in the export dtype, bf16 by default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import convrot
+from .comfy_names import to_comfy_state_dict, to_diffusers_state_dict
+from .config import FORMAT_VERSION, ConfigError, QVGenConfig
+from .layers import ConvRotLinear, QVGenLinear
+
+META_COMFY_QUANT = "_quantization_metadata"
+META_QCONFIG = "quantization_config"
+META_MODEL_CONFIG = "model_config"
+COMFY_QUANT_VERSION = "1.0"
+
+
+class ComfyNativeError(ValueError):
+    """A ConvRot export or a ComfyUI-native file is not what this module expects (names file and tensor)."""
+
+
+@dataclass
+class ComfyExportReport:
+    """What `export_comfy` wrote: quantized layers, layers kept in full precision and why, file size."""
+
+    path: Path
+    quantized: list[str] = field(default_factory=list)
+    full_precision: dict[str, str] = field(default_factory=dict)  # ComfyUI name → reason
+    bytes: int = 0
+
+    def __str__(self) -> str:
+        text = (
+            f"{self.path}: {len(self.quantized)} convrot_w4a4 layers, "
+            f"{len(self.full_precision)} linear layers kept in full precision, {self.bytes / 2**20:.1f} MiB"
+        )
+        for name, why in sorted(self.full_precision.items()):
+            text += f"\n  full precision: {name} ({why})"
+        return text
+
+
+# ---- export --------------------------------------------------------------------------------------
+def _layer_tensors(module: nn.Module) -> dict[str, Tensor]:
+    if isinstance(module, QVGenLinear):
+        if not module.convrot_group:
+            raise ComfyNativeError(
+                "model was trained with scheme 'qvgen'; only 'convrot_w4a4' layers export to ComfyUI"
+            )
+        return module.convrot_tensors()
+    return {k: v.detach() for k, v in module.state_dict().items()}
+
+
+def comfy_native_state_dict(
+    model: nn.Module, config: QVGenConfig, dtype: torch.dtype | None = torch.bfloat16
+) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str]]:
+    """ComfyUI-named tensors, per-layer `comfy_quant` entries, and the linear layers left in full precision."""
+    from .convert import unsupported_reason
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (QVGenLinear, ConvRotLinear))}
+    conf = convrot.comfy_layer_conf(config.act_bits)
+    out: dict[str, Tensor] = {}
+    for name, module in layers.items():
+        try:
+            tensors = _layer_tensors(module)
+        except ValueError as e:
+            raise ComfyNativeError(f"layer '{name}': {e}") from None
+        for key, t in tensors.items():
+            t = t.detach().to("cpu")
+            if key == "bias" and dtype is not None:
+                t = t.to(dtype)
+            out[f"{name}.{key}"] = t.contiguous().clone()
+    for key, t in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if any(owner == q or owner.startswith(q + ".") for q in layers):
+            continue
+        t = t.detach().to("cpu")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[key] = t.contiguous().clone()
+    kept: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name not in layers:
+            kept[name] = unsupported_reason(module, config) or "not selected by the config"
+    try:
+        out = to_comfy_state_dict(out)
+    except ValueError as e:
+        raise ComfyNativeError(f"ComfyUI-native export supports Wan 2.1 transformers: {e}") from None
+    from .comfy_names import diffusers_to_comfy
+
+    quant = {diffusers_to_comfy(n): dict(conf) for n in layers}
+    kept = {diffusers_to_comfy(n): why for n, why in kept.items()}
+    for name, c in quant.items():
+        out[f"{name}.comfy_quant"] = encode_layer_conf(c)
+    return out, quant, kept
+
+
+def encode_layer_conf(conf: dict) -> Tensor:
+    """A layer's JSON as the uint8 tensor ComfyUI stores under `<layer>.comfy_quant`."""
+    return torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)
+
+
+def decode_layer_conf(t: Tensor) -> dict:
+    """Inverse of `encode_layer_conf` (what ComfyUI's loader does: `json.loads(t.numpy().tobytes())`)."""
+    return json.loads(t.numpy().tobytes())
+
+
+def export_comfy(
+    model: nn.Module,
+    config: QVGenConfig,
+    path: str | os.PathLike,
+    *,
+    model_config: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = torch.bfloat16,
+) -> ComfyExportReport:
+    """Write a `convrot_w4a4` model as one ComfyUI-native `.safetensors` file (atomically).
+
+    `model` is a training-form model (`QVGenLinear` layers with Φ at rank 0) or one loaded with
+    `load_comfy_native`. Linear layers whose K is not a multiple of 256 were never converted and
+    are stored in `dtype`, as ComfyUI expects of a layer without a `comfy_quant` entry.
+    """
+    from .checkpoint import _atomic_file, _jsonable
+
+    if config.scheme != "convrot_w4a4":
+        raise ComfyNativeError(f"export_comfy needs scheme 'convrot_w4a4', the config has {config.scheme!r}")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ComfyNativeError(f"{path}: a ComfyUI diffusion model is one file ending in .safetensors")
+    tensors, quant, kept = comfy_native_state_dict(model, config, dtype)
+    if model_config is None:
+        model_config = dict(getattr(model, "config", {}) or {})
+        if model_config:
+            model_config.setdefault("_class_name", type(model).__name__)
+    qconfig = QVGenConfig.from_dict({**config.to_dict(), "current_rank": 0, "format_version": FORMAT_VERSION})
+    meta = {
+        META_COMFY_QUANT: json.dumps({"format_version": COMFY_QUANT_VERSION, "layers": quant}),
+        META_QCONFIG: qconfig.to_json(),
+        META_MODEL_CONFIG: json.dumps(_jsonable(model_config)),
+        "format": "pt",
+    }
+    _atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return ComfyExportReport(path, sorted(quant), kept, path.stat().st_size)
+
+
+# ---- reading -------------------------------------------------------------------------------------
+@dataclass
+class ComfyNativeFile:
+    """A ComfyUI-native ConvRot file: tensors (ComfyUI names), per-layer confs, our config if present."""
+
+    path: Path
+    state_dict: dict[str, Tensor]
+    layers: dict[str, dict]
+    config: QVGenConfig | None
+    model_config: dict[str, Any]
+
+
+def read_comfy_native(path: str | os.PathLike) -> ComfyNativeFile:
+    """Read and validate a ComfyUI-native file the way ComfyUI does (header metadata, then `comfy_quant`)."""
+    from .checkpoint import CheckpointError, read_safetensors
+
+    path = Path(path)
+    try:
+        state, meta = read_safetensors(path)
+    except CheckpointError as e:
+        raise ComfyNativeError(str(e)) from None
+    state = {k.removeprefix("model.diffusion_model."): v for k, v in state.items()}
+    layers: dict[str, dict] = {}
+    if META_COMFY_QUANT in meta:
+        try:
+            raw = json.loads(meta[META_COMFY_QUANT])["layers"]
+            layers = {k.removeprefix("model.diffusion_model."): dict(v) for k, v in raw.items()}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ComfyNativeError(f"{path}: metadata '{META_COMFY_QUANT}' is not valid ({e})") from None
+    for key in [k for k in state if k.endswith(".comfy_quant")]:
+        name = key[: -len(".comfy_quant")]
+        try:
+            layers.setdefault(name, decode_layer_conf(state.pop(key)))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ComfyNativeError(f"{path}: tensor '{key}': not a JSON layer config ({e})") from None
+    if not layers:
+        raise ComfyNativeError(f"{path}: no '{META_COMFY_QUANT}' metadata and no '*.comfy_quant' tensors")
+    for name, conf in layers.items():
+        _validate_layer(path, state, name, conf)
+    config = None
+    if META_QCONFIG in meta:
+        try:
+            config = QVGenConfig.from_json(meta[META_QCONFIG], source=f"{path}: metadata '{META_QCONFIG}'")
+        except ConfigError as e:
+            raise ComfyNativeError(str(e)) from None
+    try:
+        model_config = json.loads(meta.get(META_MODEL_CONFIG, "{}"))
+    except json.JSONDecodeError as e:
+        raise ComfyNativeError(f"{path}: metadata '{META_MODEL_CONFIG}' is not valid JSON ({e})") from None
+    return ComfyNativeFile(path, state, layers, config, model_config)
+
+
+def _validate_layer(path: Path, state: dict[str, Tensor], name: str, conf: dict) -> None:
+    def fail(key: str, what: str, got: Any) -> None:
+        raise ComfyNativeError(f"{path}: tensor '{name}.{key}': expected {what}, got {got}")
+
+    fmt = conf.get("format")
+    if fmt != convrot.COMFY_FORMAT:
+        raise ComfyNativeError(f"{path}: layer '{name}': format {fmt!r}; this loader reads only 'convrot_w4a4'")
+    group = int(conf.get("convrot_groupsize", convrot.CONVROT_GROUP))
+    if group != convrot.CONVROT_GROUP:
+        raise ComfyNativeError(f"{path}: layer '{name}': convrot_groupsize {group}; expected {convrot.CONVROT_GROUP}")
+    if conf.get("linear_dtype", "int4") not in ("int4", "int8"):
+        raise ComfyNativeError(f"{path}: layer '{name}': linear_dtype {conf['linear_dtype']!r}; expected int4 or int8")
+    w = state.get(f"{name}.weight")
+    if w is None:
+        fail("weight", "a tensor", "nothing (missing)")
+    if w.dtype not in (torch.int8, torch.uint8) or w.dim() != 2:
+        fail("weight", "a 2-D int8 tensor (packed int4)", f"{w.dtype} of shape {tuple(w.shape)}")
+    k = w.shape[1] * 2
+    if not convrot.supports(k, group):
+        fail("weight", f"K = 2 × columns divisible by {group}", f"K = {k}")
+    s = state.get(f"{name}.weight_scale")
+    if s is None:
+        fail("weight_scale", "a tensor", "nothing (missing)")
+    if not s.is_floating_point() or s.numel() != w.shape[0]:
+        fail("weight_scale", f"{w.shape[0]} floats (one per output row)", f"{s.dtype} of shape {tuple(s.shape)}")
+    b = state.get(f"{name}.bias")
+    if b is not None and b.shape != (w.shape[0],):
+        fail("bias", f"shape ({w.shape[0]},)", tuple(b.shape))
+
+
+# ---- loading into a PyTorch model ---------------------------------------------------------------
+def act_bits_of(conf: dict) -> int:
+    """Token bits a layer runs with: 8 when flagged `linear_dtype: "int8"`, else 4 (int4 MMA, eager)."""
+    return 8 if conf.get("linear_dtype") == "int8" else 4
+
+
+def load_comfy_native(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    act_bits: int | None = None,
+) -> nn.Module:
+    """Run a ComfyUI-native ConvRot file in PyTorch: `ConvRotLinear` for its quantized layers.
+
+    `model` is an (empty) diffusers Wan transformer to fill; without it the model is built from
+    the file's `model_config` (written by `export_comfy`). `act_bits` overrides the token bits
+    (default: what each layer's entry says — 4, or 8 for `linear_dtype: "int8"`).
+    """
+    f = read_comfy_native(path)
+    if model is None:
+        model = _build_model(f)
+    state = to_diffusers_state_dict(f.state_dict)
+    from .comfy_names import comfy_to_diffusers
+
+    for comfy_name, conf in f.layers.items():
+        name = comfy_to_diffusers(comfy_name)
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ComfyNativeError(f"{f.path}: layer '{comfy_name}' ({name}) is not in the model") from None
+        k = state[f"{name}.weight"].shape[1] * 2
+        if (linear.in_features, linear.out_features) != (k, state[f"{name}.weight"].shape[0]):
+            raise ComfyNativeError(
+                f"{f.path}: tensor '{comfy_name}.weight': expected a layer {linear.in_features}→"
+                f"{linear.out_features}, got K={k}, out={state[f'{name}.weight'].shape[0]}"
+            )
+        layer = ConvRotLinear(k, linear.out_features, linear.bias is not None, act_bits or act_bits_of(conf), dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    _load_strict(model, state, f.path)
+    model.to(device=device)
+    for m in model.modules():  # full-precision tensors follow the compute dtype; codes and scales keep theirs
+        for pname, p in list(m.named_parameters(recurse=False)):
+            if p.is_floating_point() and not (isinstance(m, ConvRotLinear) and pname == "weight_scale"):
+                setattr(m, pname, nn.Parameter(p.data.to(dtype), requires_grad=False))
+    return model.eval()
+
+
+def _build_model(f: ComfyNativeFile) -> nn.Module:
+    cls_name = f.model_config.get("_class_name")
+    if not cls_name:
+        raise ComfyNativeError(f"{f.path}: no '{META_MODEL_CONFIG}' with '_class_name' in the metadata; pass model=")
+    import diffusers
+    from accelerate import init_empty_weights
+
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise ComfyNativeError(f"{f.path}: unknown diffusers model class {cls_name!r}")
+    cfg = {k: v for k, v in f.model_config.items() if not k.startswith("_")}
+    with init_empty_weights():
+        return cls.from_config(cfg)
+
+
+def _load_strict(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ComfyNativeError(
+            f"{path}: does not match the model: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}"
+        )
+    for key, t in state.items():
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise ComfyNativeError(
+                f"{path}: tensor '{key}': expected shape {tuple(expected[key].shape)}, got {tuple(t.shape)}"
+            )
+    fixed = {}
+    for k, v in state.items():
+        want = expected[k].dtype
+        fixed[k] = v.view(torch.int8) if want == torch.int8 and v.dtype == torch.uint8 else v.to(want)
+    model.load_state_dict(fixed, strict=True, assign=True)
+
+
+def is_comfy_native(meta: dict[str, str]) -> bool:
+    """Whether safetensors metadata marks a ConvRot file written by `export_comfy`."""
+    raw = meta.get(META_QCONFIG)
+    try:
+        return raw is not None and json.loads(raw).get("scheme") == "convrot_w4a4"
+    except (json.JSONDecodeError, AttributeError):
+        return False
