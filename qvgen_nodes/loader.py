@@ -58,7 +58,9 @@ def _is_qvgen_file(path: Path) -> bool:
 
         with safe_open(key, framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
-        ok = raw is not None and json.loads(raw).get("quant_method") == "qvgen"
+        cfg = json.loads(raw) if raw is not None else {}
+        # ConvRot files (scheme convrot_w4a4) are ComfyUI-native: the stock "Load Diffusion Model" runs them
+        ok = cfg.get("quant_method") == "qvgen" and cfg.get("scheme", "qvgen") == "qvgen"
     except Exception:  # unreadable, not safetensors, bad JSON: not ours
         ok = False
     with _cache_lock:

@@ -355,3 +355,37 @@ def test_old_version1_checkpoint_without_scheme_still_loads(tmp_path):
     with torch.no_grad():
         out = load_quantized_model(tmp_path / "old.safetensors")(x, t, e, return_dict=False)[0]
     assert_matches_fake_quant(out, ref)
+
+
+# ---- the training CLI --------------------------------------------------------------------------------
+def test_train_cli_scheme_flag():
+    from qvgen.train.cli import build_parser, export_path, quant_config
+
+    args = build_parser().parse_args(["--model", "m", "--scheme", "convrot_w4a4", "--act-bits", "8"])
+    cfg = quant_config(args)
+    assert cfg.scheme == "convrot_w4a4" and cfg.act_bits == 8
+    assert export_path(args).name.endswith(".safetensors")
+    assert quant_config(build_parser().parse_args(["--model", "m"])).scheme == "qvgen"
+    with pytest.raises(ConfigError, match="act_bits"):
+        quant_config(build_parser().parse_args(["--model", "m", "--scheme", "convrot_w4a4", "--act-bits", "3"]))
+
+
+@pytest.mark.slow
+def test_train_cli_convrot_end_to_end(tmp_path):
+    from tiny_models import tiny_wan_pipeline, write_clips
+
+    from qvgen.train.cli import main
+
+    pipe = tiny_wan_pipeline()
+    pipe.transformer = _wan256()
+    pipe.save_pretrained(tmp_path / "pipe")
+    write_clips(tmp_path / "data", n=2, layout="jsonl")
+    out = tmp_path / "run"
+    args = ["--model", str(tmp_path / "pipe"), "--data", str(tmp_path / "data"), "--output", str(out)]
+    args += ["--num-frames", "5", "--height", "32", "--width", "32", "--max-text-len", "8", "--steps", "4"]
+    args += ["--rank", "4", "--checkpoint-every", "2", "--no-progress", "--scheme", "convrot_w4a4"]
+    assert main(args) == 0
+    path = out / "comfyui" / "diffusion_model_convrot_w4a4.safetensors"
+    f = read_comfy_native(path)
+    assert len(f.layers) == 24 and f.config.scheme == "convrot_w4a4" and f.config.current_rank == 0
+    assert isinstance(load_quantized_model(path).blocks[1].ffn.net[2], ConvRotLinear)
