@@ -81,8 +81,11 @@ def check_linear_args(
         raise ValueError(f"input must be a float tensor, got {x.dtype}")
     n = qweight.shape[0]
     width = packed_width(in_features, w_bits)
-    if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (n, width):
-        raise ValueError(f"qweight must be uint8 of shape (N, {width}), got {qweight.dtype} {tuple(qweight.shape)}")
+    if qweight.dtype != torch.uint8 or tuple(qweight.shape) not in ((n, width), (n, in_features)):
+        raise ValueError(
+            f"qweight must be uint8 of shape (N, {width}) (packed) or (N, {in_features}) (widened), "
+            f"got {qweight.dtype} {tuple(qweight.shape)}"
+        )
     for name, t in (("w_scale", w_scale), ("w_zero", w_zero), ("w_qsum", w_qsum)):
         if t.numel() != n:
             raise ValueError(f"{name} must have {n} entries (one per output channel), got {tuple(t.shape)}")

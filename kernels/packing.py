@@ -41,10 +41,12 @@ def pack_weight(q: Tensor, bits: int) -> Tensor:
 
 
 def unpack_weight(packed: Tensor, bits: int, in_features: int) -> Tensor:
-    """Stored uint8 layout back to codes (N, K) uint8."""
+    """Stored uint8 layout back to codes (N, K) uint8; widened codes (N, K) come back unchanged."""
     _check_bits(bits)
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"expected a uint8 (N, bytes) tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if packed.shape[1] == in_features:  # one code per byte already (also 4-bit packing of K = 1)
+        return packed.contiguous()
     width = packed_width(in_features, bits)
     if packed.shape[1] != width:
         raise ValueError(

@@ -19,6 +19,7 @@ from tiny_models import tiny_wan, tiny_wan_pipeline, wan_inputs, write_clips
 
 from qvgen import PackedLinear, QVGenConfig, convert_model, load_quantized_model, pack_model
 from qvgen.convert import calibrate_smoothing
+from qvgen.widen import widen_weights
 
 pytestmark = [
     pytest.mark.gpu,
@@ -50,6 +51,10 @@ def test_packed_triton_matches_fake_quant(transform: str, rank: int) -> None:
         out = model(x, t, e, return_dict=False)[0]
     median, rel = _rel_gap(out, ref)
     assert median <= 1e-4 and rel <= 1e-2, (median, rel)
+    with torch.no_grad():  # widened weights: the same integers, so the same outputs (to fp32 rounding)
+        widen_weights(model)
+        wide = model(x, t, e, return_dict=False)[0]
+    assert float((wide - out).abs().max()) <= 1e-6 * float(out.abs().max())
 
 
 def test_train_on_cuda_exports_a_model_that_runs_on_cuda(tmp_path) -> None:

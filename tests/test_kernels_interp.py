@@ -96,6 +96,22 @@ else:
         assert acc.dtype == torch.int32
         assert torch.equal(acc.long(), expect)
 
+    @pytest.mark.parametrize(("w_bits", "a_bits", "rank"), [(4, 4, 0), (4, 8, 0), (2, 4, 4)])
+    @pytest.mark.parametrize("fused", [False, True])
+    def test_interp_widened_weights_equal_packed(w_bits: int, a_bits: int, rank: int, fused: bool) -> None:
+        """One code per byte (the faster GPU layout) gives the packed layout's exact integers and outputs."""
+        m, k, n = 37, 130, 24
+        layer = make_layer(n, k, w_bits, rank=rank, seed=5)
+        wide = {**layer, "qweight": layer["q"].clone()}
+        x = _tokens(m, k)
+        fused = fused and not rank
+        kw = dict(clip_lo=0.9, clip_hi=0.85, fused=fused)
+        acc = call(tk.quantized_linear, x, wide, k, w_bits, a_bits, int_out=True, **kw)
+        assert torch.equal(acc, call(tk.quantized_linear, x, layer, k, w_bits, a_bits, int_out=True, **kw))
+        y = call(tk.quantized_linear, x, wide, k, w_bits, a_bits, **kw)
+        y_ref = call(reference.quantized_linear, x, layer, k, w_bits, a_bits, clip_lo=0.9, clip_hi=0.85)
+        assert_matches(y, y_ref, torch.float32)
+
     @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
     @pytest.mark.parametrize(("w_bits", "a_bits"), [(4, 4), (4, 8), (8, 8)])
     @pytest.mark.parametrize("fused", [False, True])

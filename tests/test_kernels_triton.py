@@ -69,6 +69,8 @@ LINEAR_VARIANTS = [
     ("w4-weight-only", "bf16", "bf16", dict(W_BITS=4, A_BITS=0, A_SRC=0, HAS_BIAS=True, PHI_R=0)),
     ("w8-weight-only-fp32", "fp32", "fp32", dict(W_BITS=8, A_BITS=0, A_SRC=0, HAS_BIAS=False, PHI_R=0)),
     ("w4a4-int-out", "i8", "i32", dict(W_BITS=4, A_BITS=4, A_SRC=1, HAS_BIAS=False, PHI_R=0, OUT_INT=True)),
+    ("w4a4-widened", "i8", "bf16", dict(W_BITS=4, W_PACKED=False, A_BITS=4, A_SRC=1, HAS_BIAS=True, PHI_R=0)),
+    ("w4a4-widened-fused", "bf16", "bf16", dict(W_BITS=4, W_PACKED=False, A_BITS=4, A_SRC=2, HAS_BIAS=True, PHI_R=0)),
 ]
 QUANT_VARIANTS = [  # (x dtype, phi dtype, LAYOUT, PHI_R)
     ("bf16", "fp32", 0, 0),
@@ -104,9 +106,12 @@ def test_compile_linear(cc: int, name: str, a: str, out: str, ce: dict) -> None:
 
     fused = ce["A_SRC"] == 2
     tiles, warps, stages = _tiles(cc, ce["A_SRC"])
-    constexprs = {"OUT_INT": False, "DOT_PREC": "tf32x3" if a == "fp32" else "tf32", **ce, **tiles}
+    packed = ce["W_BITS"] <= 4
+    constexprs = {"OUT_INT": False, "DOT_PREC": "tf32x3" if a == "fp32" else "tf32", "W_PACKED": packed, **ce, **tiles}
     phi = "fp16" if out == "fp16" else "bf16"
-    k = _compile(triton_linear._linear_kernel, _linear_types(a, out, phi=phi), constexprs, cc, warps, stages, not fused)
+    k = _compile(
+        triton_linear.kernel_for(ce["A_SRC"]), _linear_types(a, out, phi=phi), constexprs, cc, warps, stages, not fused
+    )
     ptx = k.asm["ptx"]
     assert k.metadata.shared <= SMEM_LIMIT[cc], f"{name}: {k.metadata.shared} B of shared memory on sm_{cc}"
     if ce["A_SRC"]:
@@ -173,13 +178,13 @@ def test_compile_every_autotune_config(a_src: int, cc: int) -> None:
     """Every autotune tile of a mode lowers; the preferred one fits each target's shared memory."""
     from qvgen_kernels import triton_linear
 
-    bits = {"W_BITS": 4, "A_BITS": 0 if a_src == 0 else 4, "A_SRC": a_src}
+    bits = {"W_BITS": 4, "W_PACKED": True, "A_BITS": 0 if a_src == 0 else 4, "A_SRC": a_src}
     ce = {**bits, "HAS_BIAS": True, "PHI_R": 0, "OUT_INT": False, "DOT_PREC": "tf32"}
     a = "bf16" if a_src != 1 else "i8"
     shared = []
     for cfg in triton_linear.configs_for(a_src, cc >= 90):
         k = _compile(
-            triton_linear._linear_kernel, _linear_types(a, "bf16"), {**ce, **cfg.kwargs}, cc,
+            triton_linear.kernel_for(a_src), _linear_types(a, "bf16"), {**ce, **cfg.kwargs}, cc,
             cfg.num_warps, cfg.num_stages, a_src != 2,
         )  # fmt: skip
         shared.append(k.metadata.shared)

@@ -10,6 +10,7 @@ Examples:
   python -m qvgen.bench kernels --models 1.3b,14b --tokens 32760,8192,512 --json out.json
   python -m qvgen.bench kernels --shapes 1536x1536 --tokens 4096 --min-time 2
   python -m qvgen.bench kernels --transform hadamard  # + rotation in the quantizer; cost vs without
+  python -m qvgen.bench kernels --widened             # + weights widened to a byte per code (qvgen.widen)
 """
 
 from __future__ import annotations
@@ -168,10 +169,10 @@ def bench_case(
     packed = make_packed_layer(n, k, args.w_bits, args.rank, device, dtype)
     tf = transform_kwargs(args.transform, k, device)
 
-    def ours(**extra) -> torch.Tensor:
+    def ours(qweight: torch.Tensor = packed["qweight"], **extra) -> torch.Tensor:
         return qk.quantized_linear(
             x,
-            packed["qweight"],
+            qweight,
             packed["w_scale"],
             packed["w_zero"],
             packed["w_qsum"],
@@ -190,6 +191,9 @@ def bench_case(
     fns: dict[str, Callable[[], object]] = {"baseline": lambda: F.linear(x, w, bias), "ours": lambda: ours(**tf)}
     if tf:
         fns["no transform"] = ours
+    if args.widened and args.w_bits <= 4:  # one code per byte (qvgen.widen): no nibble unpacking
+        wide = qk.unpack_weight(packed["qweight"], args.w_bits, k)
+        fns["widened"] = lambda: ours(wide, **tf)
     with torch.inference_mode():
         if not gpu and not args.no_bf16:
             xb, wb, bb = x.bfloat16(), w.bfloat16(), bias.bfloat16()
@@ -328,6 +332,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=0, help="Φ rank (0: the finished QVGen model)")
     p.add_argument("--transform", choices=("none", "hadamard", "smooth", "smooth_hadamard"), default="none",
                    help="input transform in the activation quantizer; also times the layer without it")  # fmt: skip
+    p.add_argument("--widened", action="store_true", help="also time widened weights (one code per byte)")
     p.add_argument("--backend", default="auto", help="qvgen_kernels backend: auto, triton, cpu, torch")
     p.add_argument("--min-time", type=float, default=None, help="seconds of timed runs per measurement")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
