@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="train the smoothing scales during QAT",
     )
+    p.add_argument(
+        "--smooth-alpha",
+        type=float,
+        default=QVGenConfig.smooth_alpha,
+        help="SmoothQuant migration strength for the smooth transforms",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
@@ -75,13 +81,15 @@ def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
     """One config per (method, transform); names are "PTQ", "QAT", "QVGen", then "QVGen+hadamard", …"""
     phases = len(RankDecaySchedule(args.rank, 1).phase_ranks) or 1
     out = {}
-    for transform in args.transforms:
+    # the untransformed methods always run: the "× PTQ" and "× QVGen" ratios are against them
+    for transform in dict.fromkeys(["none", *args.transforms]):
         base = dict(
             weight_bits=args.weight_bits,
             act_bits=args.act_bits or None,
             n_buckets=10,
             input_transform=transform,
             train_transform=transform != "none" and args.train_transform,
+            smooth_alpha=args.smooth_alpha,
         )
         suffix = "" if transform == "none" else f"+{transform}"
         out[f"PTQ{suffix}"] = QVGenConfig(rank=0, **base)
@@ -220,6 +228,10 @@ def _samples(fp, models: dict, args: argparse.Namespace):
     return columns, errors
 
 
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.5f}"
+
+
 def summary(metrics: dict[str, Any]) -> str:
     lines = [
         "",
@@ -229,7 +241,7 @@ def summary(metrics: dict[str, Any]) -> str:
     for name, m in metrics["methods"].items():
         lines.append(
             f"| {name} | {m['velocity_mse']:.5f} | {m['velocity_mse_vs_ptq']:.3f} | {m['velocity_mse_vs_qvgen']:.3f} | "
-            f"{m['velocity_mse_weights_only']:.5f} | {m['velocity_mse_acts_only']:.5f} | {m['sample_mse']:.5f} |"
+            f"{m['velocity_mse_weights_only']:.5f} | {m['velocity_mse_acts_only']:.5f} | {_fmt(m.get('sample_mse'))} |"
         )
     c = metrics["checkpoint"]
     lines.append(
