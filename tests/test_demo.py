@@ -37,9 +37,11 @@ def test_demo_smoke(tmp_path):
     for name in ("comparison.gif", "comparison.png", "loss_curves.png", "metrics.json", "qvgen-demo-w4a4.safetensors"):
         assert (tmp_path / name).is_file(), name
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(m["methods"]) == {"PTQ", "QAT", "QVGen"}
-    for method in m["methods"].values():
-        for key in ("velocity_mse", "velocity_mse_weights_only", "velocity_mse_acts_only", "sample_mse"):
+    base = {"PTQ", "QAT", "QVGen"}
+    assert set(m["methods"]) == base | {f"{b}+smooth" for b in base}  # the default grid: none and smooth
+    for name, method in m["methods"].items():
+        keys = ["velocity_mse", "velocity_mse_weights_only", "velocity_mse_acts_only"]
+        for key in keys + (["sample_mse"] if name in base else []):
             assert method[key] >= 0
     assert m["methods"]["QVGen"]["phi_rank_over_training"][0] == [0, 4]
     ck = m["checkpoint"]

@@ -53,6 +53,8 @@ def test_train_cli_end_to_end_and_rerun_resumes(tmp_path, pipe_dir, capsys):
     assert [r["rank"] for r in log] == [4, 4, 2, 2, 1, 1]  # ranks 4→2→1 over 3 phases of 6 // 3 steps
     model = load_quantized_model(out / "transformer")
     assert isinstance(model.blocks[0].attn1.to_q, PackedLinear) and model.blocks[0].attn1.to_q.rank == 0
+    smooth = model.blocks[0].attn1.to_q.smooth  # the default transform, calibrated on the training clips
+    assert smooth is not None and not torch.allclose(smooth, torch.ones_like(smooth))
     x = torch.randn(1, 4, 2, 4, 4)
     y = model(x, torch.tensor([500.0]), torch.randn(1, 8, 32), return_dict=False)[0]
     assert y.shape == x.shape and torch.isfinite(y).all()

@@ -20,6 +20,7 @@ import torch
 from ..checkpoint import save_quantized
 from ..config import SCHEMES, QVGenConfig
 from ..decay import RankDecaySchedule
+from ..transforms import TRANSFORMS
 from .data import DataError
 from .distributed import PARALLEL_MODES, TEACHER_PLACEMENTS, init_distributed
 from .prepare import CachedLatentDataset, detect_family, load_teacher, make_objective, prepare
@@ -55,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="qvgen: the paper's W/A quantizers, packed QVGen checkpoint; convrot_w4a4: ComfyUI's native ConvRot "
         "arithmetic (Hadamard-256 rotation, symmetric int4 per row and per token), exported as one ComfyUI "
         ".safetensors file that the stock loader runs",
+    )
+    q.add_argument(
+        "--input-transform",
+        choices=TRANSFORMS,
+        default=None,
+        help="per-layer input transform against activation error (default: smooth for --scheme qvgen, the best "
+        "measured on the demo; none for convrot_w4a4, which rotates by itself)",
+    )
+    q.add_argument("--smooth-alpha", type=float, default=QVGenConfig.smooth_alpha, help="SmoothQuant strength")
+    q.add_argument(
+        "--train-transform",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="learn the smoothing scales during QAT",
     )
     q.add_argument("--weight-bits", type=int, default=4)
     q.add_argument(
@@ -124,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def quant_config(args: argparse.Namespace) -> QVGenConfig:
     n_phases = len(RankDecaySchedule(args.rank, 1, args.decay_factor).phase_ranks) or 1
     phase = args.phase_steps or max(1, math.floor(args.steps / n_phases))
+    transform = args.input_transform or ("smooth" if args.scheme == "qvgen" else "none")
     return QVGenConfig(
         weight_bits=args.weight_bits,
         act_bits=args.act_bits or None,
@@ -133,6 +149,9 @@ def quant_config(args: argparse.Namespace) -> QVGenConfig:
         n_buckets=args.buckets,
         modules_to_not_convert=list(args.skip),
         scheme=args.scheme,
+        input_transform=transform,
+        smooth_alpha=args.smooth_alpha,
+        train_transform=args.train_transform and transform != "none",
     )
 
 

@@ -123,14 +123,38 @@ class LatentDataset(Dataset):
 
 
 def build_student(
-    teacher: nn.Module, config: QVGenConfig, init: bool = True, progress: bool = True
+    teacher: nn.Module,
+    config: QVGenConfig,
+    init: bool = True,
+    progress: bool = True,
+    calibrate: Callable[[nn.Module], None] | None = None,
 ) -> tuple[nn.Module, ConversionReport]:
-    """A trainable fp32 copy of the teacher with its linear layers converted."""
+    """A trainable fp32 copy of the teacher with its linear layers converted (`calibrate`: see convert_model)."""
     student = copy.deepcopy(teacher).float().train()
     for p in student.parameters():
         p.requires_grad_(True)
-    report = convert_model(student, config, init=init, progress=progress)
+    report = convert_model(student, config, init=init, progress=progress, calibrate=calibrate)
     return student, report
+
+
+CALIBRATION_CLIPS = 8
+
+
+def smoothing_calibration(ds: LatentDataset, objective, opts: TrainOptions, device) -> Callable[[nn.Module], None]:
+    """Forward passes over the first few training clips at their own noise levels, for SmoothQuant's
+    per-channel input maxima; noise from (seed, step −1, clip) generators, apart from training's draws."""
+
+    @torch.no_grad()
+    def run(model: nn.Module) -> None:
+        n = min(CALIBRATION_CLIPS, len(ds))
+        for j in range(n):
+            gen = _sample_generator(opts.seed, -1, j)
+            latents, text = ds[j]
+            batch = objective.make_inputs(latents[None].to(device), text[None].to(device), gen)
+            with _autocast(device, opts):
+                predict(model, batch.inputs)
+
+    return run
 
 
 def param_groups(student: nn.Module, opts: TrainOptions) -> list[dict[str, Any]]:
@@ -303,7 +327,8 @@ def _train(
         if not engine.build_on_this_rank():
             student = meta_student(lambda t: build_student(t, config, init=False, progress=False)[0], teacher)
         elif on_device:
-            student, report = build_student(teacher, config, init=ckpt is None, progress=opts.progress)
+            calib = smoothing_calibration(dataset, objective, opts, device) if ckpt is None else None
+            student, report = build_student(teacher, config, init=ckpt is None, progress=opts.progress, calibrate=calib)
         else:  # a CPU copy, sharded or moved later; initialised layer by layer on the GPU
             student, report = build_student(teacher, config, init=False, progress=opts.progress)
             if ckpt is None:
