@@ -266,6 +266,23 @@ def _quantize_t(x, s, z, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's token rows and output columns, in grouped order (L2 reuse of the weight
+    tiles), plus copies clamped in bounds: loads need no masks, stores are masked."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, cols, tl.minimum(rows, M - 1), tl.minimum(cols, N - 1)
+
+
+@triton.jit
 def _linear_kernel(
     a_ptr,  # A_SRC=1: int8 activations from _act_quant_kernel; A_SRC=0/2: the float input x
     lo_ptr,
@@ -321,21 +338,7 @@ def _linear_kernel(
     C_X8: tl.constexpr = A_BITS == 8
     BKH: tl.constexpr = BLOCK_K // 2
 
-    # grouped ordering of the output tiles, for L2 reuse of the weight tiles
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_c = tl.minimum(rows, M - 1)  # clamped: every load in bounds without masks; stores are masked
-    cols_c = tl.minimum(cols, N - 1)
+    rows, cols, rows_c, cols_c = _output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     a_row = rows_c.to(tl.int64) * stride_am
     w_col = cols_c.to(tl.int64) * stride_wn
 
@@ -493,20 +496,7 @@ def _int_gemm_kernel(
     C_X8: tl.constexpr = A_BITS == 8
     BKH: tl.constexpr = BLOCK_K // 2
 
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_c = tl.minimum(rows, M - 1)
-    cols_c = tl.minimum(cols, N - 1)
+    rows, cols, rows_c, cols_c = _output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     a_row = rows_c.to(tl.int64)[:, None] * stride_am
     w_col = cols_c.to(tl.int64)[None, :] * stride_wn
 
