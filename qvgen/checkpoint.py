@@ -377,6 +377,25 @@ def load_into(model: nn.Module, ckpt: Checkpoint, source: str = "checkpoint") ->
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ckpt.state_dict.items()}, strict=True, assign=True)
 
 
+def empty_model(model_config: dict, path: str | os.PathLike, model_cls: type[nn.Module] | None = None) -> nn.Module:
+    """The model a checkpoint's config describes (diffusers class from `_class_name` unless
+    `model_cls` is given), its parameters on `meta`: no full-precision copy is materialised."""
+    if model_cls is None:
+        cls_name = model_config.get("_class_name")
+        if not cls_name:
+            raise CheckpointError(f"{path}: model config has no '_class_name'; pass model_cls explicitly")
+        import diffusers
+
+        model_cls = getattr(diffusers, cls_name, None)
+        if model_cls is None:
+            raise CheckpointError(f"{path}: unknown diffusers model class {cls_name!r}")
+    from accelerate import init_empty_weights
+
+    cfg = {k: v for k, v in model_config.items() if not k.startswith("_")}
+    with init_empty_weights():
+        return model_cls.from_config(cfg) if hasattr(model_cls, "from_config") else model_cls(**cfg)
+
+
 def load_quantized_model(
     path: str | os.PathLike,
     *,
@@ -391,31 +410,14 @@ def load_quantized_model(
     if path.is_file():
         from .comfy_native import is_comfy_native, load_comfy_native
 
-        if is_comfy_native(read_safetensors_metadata(path)):
+        meta = read_safetensors_metadata(path)
+        if is_comfy_native(meta):
             model = None
             if model_cls is not None:
-                from accelerate import init_empty_weights
-
-                cfg = json.loads(read_safetensors_metadata(path).get(META_MODEL_CONFIG, "{}"))
-                cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-                with init_empty_weights():
-                    model = model_cls.from_config(cfg) if hasattr(model_cls, "from_config") else model_cls(**cfg)
+                model = empty_model(json.loads(meta.get(META_MODEL_CONFIG, "{}")), path, model_cls)
             return load_comfy_native(path, model, dtype=dtype, device=device)
     ckpt = load_checkpoint(path)
-    if model_cls is None:
-        cls_name = ckpt.model_config.get("_class_name")
-        if not cls_name:
-            raise CheckpointError(f"{path}: model config has no '_class_name'; pass model_cls explicitly")
-        import diffusers
-
-        model_cls = getattr(diffusers, cls_name, None)
-        if model_cls is None:
-            raise CheckpointError(f"{path}: unknown diffusers model class {cls_name!r}")
-    from accelerate import init_empty_weights
-
-    cfg = {k: v for k, v in ckpt.model_config.items() if not k.startswith("_")}
-    with init_empty_weights():  # parameters on `meta`: no full-precision copy is materialised
-        model = model_cls.from_config(cfg) if hasattr(model_cls, "from_config") else model_cls(**cfg)
+    model = empty_model(ckpt.model_config, path, model_cls)
     build_packed_model(model, ckpt.config, dtype=dtype, device="meta")
     load_into(model, ckpt, str(path))
     model.to(device=device)

@@ -298,18 +298,11 @@ def load_comfy_native(
 
 
 def _build_model(f: ComfyNativeFile) -> nn.Module:
-    cls_name = f.model_config.get("_class_name")
-    if not cls_name:
-        raise ComfyNativeError(f"{f.path}: no '{META_MODEL_CONFIG}' with '_class_name' in the metadata; pass model=")
-    import diffusers
-    from accelerate import init_empty_weights
+    from .checkpoint import empty_model
 
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None:
-        raise ComfyNativeError(f"{f.path}: unknown diffusers model class {cls_name!r}")
-    cfg = {k: v for k, v in f.model_config.items() if not k.startswith("_")}
-    with init_empty_weights():
-        return cls.from_config(cfg)
+    if not f.model_config.get("_class_name"):
+        raise ComfyNativeError(f"{f.path}: no '{META_MODEL_CONFIG}' with '_class_name' in the metadata; pass model=")
+    return empty_model(f.model_config, f.path)
 
 
 def _load_strict(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
