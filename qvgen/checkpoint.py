@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,17 @@ def export_state_dict(model: nn.Module, dtype: torch.dtype | None = torch.bfloat
         for key, t in tensors.items():
             if t is not None:
                 out[f"{name}.{key}"] = t.detach().to("cpu").contiguous().clone()
-    for key, t in list(model.state_dict().items()):
+    out.update(unquantized_tensors(model, quantized, dtype))
+    return out
+
+
+def unquantized_tensors(model: nn.Module, owners: Iterable[str], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """The model's tensors outside the modules named in `owners`, on the CPU, floats cast to `dtype`."""
+    owners = tuple(owners)
+    out: dict[str, Tensor] = {}
+    for key, t in model.state_dict().items():
         owner = key.rpartition(".")[0]
-        if any(owner == q or owner.startswith(q + ".") for q in quantized):
+        if any(owner == q or owner.startswith(q + ".") for q in owners):
             continue
         t = t.detach().to("cpu")
         if dtype is not None and t.is_floating_point():

@@ -78,6 +78,7 @@ def comfy_native_state_dict(
     model: nn.Module, config: QVGenConfig, dtype: torch.dtype | None = torch.bfloat16
 ) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str]]:
     """ComfyUI-named tensors, per-layer `comfy_quant` entries, and the linear layers left in full precision."""
+    from .checkpoint import unquantized_tensors
     from .convert import unsupported_reason
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (QVGenLinear, ConvRotLinear))}
@@ -93,14 +94,7 @@ def comfy_native_state_dict(
             if key == "bias" and dtype is not None:
                 t = t.to(dtype)
             out[f"{name}.{key}"] = t.contiguous().clone()
-    for key, t in model.state_dict().items():
-        owner = key.rpartition(".")[0]
-        if any(owner == q or owner.startswith(q + ".") for q in layers):
-            continue
-        t = t.detach().to("cpu")
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        out[key] = t.contiguous().clone()
+    out.update(unquantized_tensors(model, layers, dtype))
     kept: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name not in layers:
