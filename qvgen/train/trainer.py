@@ -141,16 +141,14 @@ CALIBRATION_CLIPS = 8
 
 
 def smoothing_calibration(ds: LatentDataset, objective, opts: TrainOptions, device) -> Callable[[nn.Module], None]:
-    """Forward passes over the first few training clips at their own noise levels, for SmoothQuant's
-    per-channel input maxima; noise from (seed, step −1, clip) generators, apart from training's draws."""
+    """Forward passes over the first few training clips, one at a time, for SmoothQuant's per-channel
+    input maxima; their noise comes from step −1's draws of `make_batch`, apart from training's."""
 
     @torch.no_grad()
     def run(model: nn.Module) -> None:
-        n = min(CALIBRATION_CLIPS, len(ds))
-        for j in range(n):
-            gen = _sample_generator(opts.seed, -1, j)
-            latents, text = ds[j]
-            batch = objective.make_inputs(latents[None].to(device), text[None].to(device), gen)
+        clips = list(range(min(CALIBRATION_CLIPS, len(ds))))
+        for j in clips:
+            batch = make_batch(ds, objective, opts, -1, clips, range(j, j + 1), device)
             with _autocast(device, opts):
                 predict(model, batch.inputs)
 
