@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .atomic import atomic_dir, atomic_file
 from .config import FORMAT_VERSION, ConfigError, QVGenConfig
 from .convert import current_rank
 from .layers import PackedLinear, QVGenLinear
@@ -85,36 +84,6 @@ def unquantized_tensors(model: nn.Module, owners: Iterable[str], dtype: torch.dt
     return out
 
 
-def _atomic_file(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_dir(path: Path, write) -> None:
-    """Write a folder under a temporary name, then swap it in (the old one survives a crash)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        write(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def finalize_config(config: QVGenConfig, model: nn.Module) -> QVGenConfig:
     """Copy of `config` with `current_rank` set from the model's Φ, in the current format version."""
     return QVGenConfig.from_dict(
@@ -161,9 +130,9 @@ def save_quantized(
             META_MODEL_CONFIG: json.dumps(model_config),
             "format": "pt",
         }
-        _atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     else:
-        _atomic_dir(path, lambda tmp: _write_folder(tmp, tensors, config, model_config, max_shard_size))
+        atomic_dir(path, lambda tmp: _write_folder(tmp, tensors, config, model_config, max_shard_size))
     return path
 
 

@@ -136,7 +136,8 @@ def export_comfy(
     `load_comfy_native`. Linear layers whose K is not a multiple of 256 were never converted and
     are stored in `dtype`, as ComfyUI expects of a layer without a `comfy_quant` entry.
     """
-    from .checkpoint import _atomic_file, _jsonable
+    from .atomic import atomic_file
+    from .checkpoint import _jsonable
 
     if config.scheme != "convrot_w4a4":
         raise ComfyNativeError(f"export_comfy needs scheme 'convrot_w4a4', the config has {config.scheme!r}")
@@ -155,7 +156,7 @@ def export_comfy(
         META_MODEL_CONFIG: json.dumps(_jsonable(model_config)),
         "format": "pt",
     }
-    _atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return ComfyExportReport(path, sorted(quant), kept, path.stat().st_size)
 
 

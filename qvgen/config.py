@@ -46,7 +46,7 @@ class QVGenConfig:
     current_rank: int | None = None
     input_transform: str = "none"  # none | hadamard | smooth | smooth_hadamard (qvgen/transforms.py)
     hadamard_block: int = 256
-    transform_seed: int = 0
+    transform_seed: int = 0  # seeds each layer's random draws: Hadamard signs, Φ's randomized SVD init
     smooth_alpha: float = 0.5
     train_transform: bool = False
     scheme: str = "qvgen"

@@ -55,6 +55,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, QVGenConfig
 from .convert import build_packed_model
+from .hub_errors import reaching
 from .kernels_import import qvgen_kernels
 from .quantizers import quantize_weight_int
 
@@ -111,7 +112,8 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> tu
             raise CheckpointError(f"{source}: no such file or folder")
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(str(source), revision=revision, allow_patterns=SOURCE_PATTERNS))
+        with reaching(str(source), CheckpointError):
+            path = Path(snapshot_download(str(source), revision=revision, allow_patterns=SOURCE_PATTERNS))
     for folder in (path, path / "transformer"):
         index = folder / INDEX_NAME
         if index.is_file():
@@ -130,6 +132,15 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> tu
     )
 
 
+def refuse_overwriting(sources: list[Path], output: Path) -> None:
+    """Writing `output` replaces it whole (atomically): refuse when that would replace a source file."""
+    out = output.resolve()
+    for f in sources:
+        f = f.resolve()
+        if out == f or out in f.parents:
+            raise CheckpointError(f"{output}: writing it would replace the source {f}; choose another output path")
+
+
 def base_model_config(base_model: str, revision: str | None = None) -> dict[str, Any]:
     """The diffusers transformer config of the base model (a pipeline or transformer folder, or a Hub id)."""
     local = Path(base_model)
@@ -140,7 +151,8 @@ def base_model_config(base_model: str, revision: str | None = None) -> dict[str,
         raise CheckpointError(f"{base_model}: no transformer/config.json or config.json")
     from huggingface_hub import hf_hub_download
 
-    return _json(Path(hf_hub_download(base_model, "transformer/config.json", revision=revision)))
+    with reaching(f"--base-model {base_model}", CheckpointError):
+        return _json(Path(hf_hub_download(base_model, "transformer/config.json", revision=revision)))
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -171,6 +183,7 @@ def convert_official(
     if clip_buckets not in ("identity", "mean"):
         raise ValueError(f"clip_buckets: expected 'identity' or 'mean', got {clip_buckets!r}")
     files, cfg_file, label = resolve_source(source, revision)
+    refuse_overwriting(files, Path(output))
     state: dict[str, Tensor] = {}
     for f in files:
         state.update(read_safetensors(f)[0])

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CONFIG_NAME, META_MODEL_CONFIG, META_QCONFIG, CheckpointError, load_checkpoint
+from .hub_errors import reaching
 from .model_card import CardInfo, render_model_card
 
 TRANSFORMER = "transformer"
@@ -270,15 +271,16 @@ def push(
             method=method,
         )
         api = HfApi(library_name="qvgen")
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(plan.folder),
-            revision=revision,
-            commit_message=commit_message or f"QVGen {plan.info.bits} checkpoint of {plan.info.base_model}",
-        )
+        with reaching(repo_id, HubError):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(plan.folder),
+                revision=revision,
+                commit_message=commit_message or f"QVGen {plan.info.bits} checkpoint of {plan.info.base_model}",
+            )
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

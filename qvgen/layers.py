@@ -7,6 +7,7 @@ checkpoint: packed integer weights, integer GEMM through `qvgen_kernels`, Φ onl
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -25,14 +26,29 @@ def _bucket(state: TimestepState | None) -> Tensor | int:
     return 0 if state is None else state.bucket
 
 
-def top_svd(mat: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+def layer_seed(name: str, seed: int) -> int:
+    """A seed of its own for each layer's random draws, fixed by the run's seed and the layer's name."""
+    digest = hashlib.blake2b(f"qvgen/{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def top_svd(mat: Tensor, rank: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Top-`rank` singular triplets; randomized (`svd_lowrank`) for large matrices, where a full SVD
-    of every layer of a 14B model would take minutes."""
+    of every layer of a 14B model would take minutes. `svd_lowrank` draws its test matrix from the
+    global generator of `mat`'s device and takes no generator, so it runs on a forked one seeded
+    with `seed`: the result depends on the seed alone, not on what ran before."""
     mat = mat.float()
     if min(mat.shape) <= 4 * rank + 16:
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]
-    u, s, v = torch.svd_lowrank(mat, q=rank + 16, niter=6)
+    on_cuda = mat.device.type == "cuda"
+    with torch.random.fork_rng(devices=[mat.device] if on_cuda else []):
+        if on_cuda:
+            with torch.cuda.device(mat.device):
+                torch.cuda.manual_seed(seed)
+        else:
+            torch.random.default_generator.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(mat, q=rank + 16, niter=6)
     return u[:, :rank], s[:rank], v[:, :rank].T
 
 
@@ -90,6 +106,7 @@ class QVGenLinear(nn.Module):
         else:
             self.register_buffer("phi_mask", None)
         self._init_transform(config, name)
+        self.seed = layer_seed(name, config.transform_seed)  # Φ's randomized SVD
         self.timestep_state: TimestepState | None = None
         # Switches to measure the weight and activation parts of the error separately.
         self.quantize_weights = True
@@ -173,7 +190,7 @@ class QVGenLinear(nn.Module):
         """Φ from the SVD of the quantization error: L = U√S, R = √S Vᵀ (top-r components)."""
         if self.phi_down is None:
             return
-        self._set_phi(*top_svd(self.quant_error(), self.phi_down.shape[0]))
+        self._set_phi(*top_svd(self.quant_error(), self.phi_down.shape[0], self.seed))
 
     @torch.no_grad()
     def halve_phi(self, new_rank: int) -> None:

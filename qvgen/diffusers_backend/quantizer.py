@@ -95,6 +95,12 @@ class QVGenQuantizer(DiffusersQuantizer):
         this hook and the per-tensor checks in `create_quantized_param` still apply."""
         if self.pre_quantized and checkpoint_files:
             files = [Path(f) for f in checkpoint_files if isinstance(f, (str, Path))]
+            pickles = [f for f in files if f.suffix != ".safetensors"]
+            if pickles:  # diffusers falls back to .bin when a folder has no safetensors (docs/format.md)
+                raise CheckpointError(
+                    f"{pickles[0]}: QVGen checkpoints are safetensors only; refusing a pickle-based weights file "
+                    "(pass use_safetensors=True to from_pretrained to have diffusers refuse it before reading)"
+                )
             if files:
                 self.source = str(files[0] if len(files) == 1 else files[0].parent)
                 validate_state_dict(_header_tensors(files), self.quantization_config.to_qvgen_config(), self.source)

@@ -23,6 +23,7 @@ from ..decay import RankDecaySchedule
 from ..transforms import TRANSFORMS
 from .data import DataError
 from .distributed import PARALLEL_MODES, TEACHER_PLACEMENTS, init_distributed
+from .interrupt import TrainingInterrupted
 from .prepare import CachedLatentDataset, detect_family, load_teacher, make_objective, prepare
 from .trainer import TrainOptions, train
 
@@ -101,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA"
     )
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds every random draw (Φ init, Hadamard signs, data order, noise, dropout)",
+    )
 
     d = p.add_argument_group("several GPUs (launch with torchrun or accelerate launch)")
     d.add_argument(
@@ -152,6 +158,7 @@ def quant_config(args: argparse.Namespace) -> QVGenConfig:
         input_transform=transform,
         smooth_alpha=args.smooth_alpha,
         train_transform=args.train_transform and transform != "none",
+        transform_seed=args.seed,
     )
 
 
@@ -233,9 +240,14 @@ def run(args: argparse.Namespace) -> Path:
     logging.getLogger("qvgen.train").info("exported %s", export)
     print(f"QVGen checkpoint written to {export}")
     if args.push_to_hub:
-        from ..hub import push_training_output
+        from ..hub import HubError, push_training_output
 
-        push_training_output(args.output, args.push_to_hub, base_model=args.model, private=args.private)
+        try:
+            push_training_output(args.output, args.push_to_hub, base_model=args.model, private=args.private)
+        except HubError as e:  # the export is on disk; only the upload failed
+            raise ValueError(
+                f"--push-to-hub: {e}; the checkpoint is in {export}, push it later with qvgen.hub"
+            ) from None
     return export
 
 
@@ -245,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     try:
         run(args)
+    except TrainingInterrupted as e:
+        print(f"{e}")
+        return e.exit_code
     except (DataError, ValueError) as e:
         print(f"error: {e}")
         return 2

@@ -38,13 +38,32 @@ def _pick(row: dict, keys: tuple[str, ...], source: str, line: int) -> str:
     raise DataError(f"{source}:{line}: expected one of the columns {list(keys)}")
 
 
-def _from_rows(root: Path, rows: list[dict], source: str) -> list[Clip]:
-    clips = []
-    for i, row in enumerate(rows, 1):
-        path = root / _pick(row, FILE_KEYS, source, i)
+def _caption(row: dict) -> str | None:
+    for k in TEXT_KEYS:
+        if isinstance(row.get(k), str) and row[k].strip():
+            return row[k].strip()
+    return None
+
+
+def _from_rows(root: Path, rows: list[tuple[int, dict]], source: str) -> list[Clip]:
+    """Clips of metadata rows `(line, row)`; every row needs a video that exists and a non-empty caption."""
+    clips, uncaptioned = [], []
+    for line, row in rows:
+        path = root / _pick(row, FILE_KEYS, source, line)
         if not path.is_file():
-            raise DataError(f"{source}:{i}: video file {path} does not exist")
-        clips.append(Clip(path, _pick(row, TEXT_KEYS, source, i) if any(k in row for k in TEXT_KEYS) else ""))
+            raise DataError(f"{source}:{line}: video file {path} does not exist")
+        caption = _caption(row)
+        if caption is None:
+            uncaptioned.append(line)
+        clips.append(Clip(path, caption or ""))
+    if uncaptioned:
+        shown = ", ".join(map(str, uncaptioned[:10])) + (
+            f" and {len(uncaptioned) - 10} more" if len(uncaptioned) > 10 else ""
+        )
+        raise DataError(
+            f"{source}: {len(uncaptioned)} row(s) without a caption (line {shown}); expected a non-empty "
+            f"{' or '.join(repr(k) for k in TEXT_KEYS)} in every row (caption dropout is --caption-dropout's job)"
+        )
     return clips
 
 
@@ -59,13 +78,14 @@ def discover(root: str | Path) -> list[Clip]:
         for i, line in enumerate(jsonl.read_text().splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((i, json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{jsonl}:{i}: not valid JSON ({e})") from None
         clips = _from_rows(root, rows, str(jsonl))
     elif csv_file.is_file():
         with csv_file.open(newline="") as f:
-            clips = _from_rows(root, list(csv.DictReader(f)), str(csv_file))
+            reader = csv.DictReader(f)
+            clips = _from_rows(root, [(reader.line_num, row) for row in reader], str(csv_file))
     else:
         clips = []
         for p in sorted(root.rglob("*")):

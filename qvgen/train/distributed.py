@@ -109,13 +109,20 @@ def _plan_from_accelerate_env(world_size: int) -> tuple[str, bool, bool, str]:
             return "ddp", True, False, "accelerate config (FSDP NO_SHARD)"
         return "fsdp", strategy not in _NO_RESHARD, _env("FSDP_OFFLOAD_PARAMS") == "true", "accelerate config (FSDP)"
     if _env("ACCELERATE_USE_DEEPSPEED") == "true":
-        stage = int(_env("ACCELERATE_DEEPSPEED_ZERO_STAGE") or 2)
-        offload = "cpu" in (_env(f"ACCELERATE_DEEPSPEED_OFFLOAD_{x}_DEVICE") for x in ("OPTIMIZER", "PARAM"))
-        source = f"accelerate config (DeepSpeed ZeRO-{stage}, run as its FSDP2 equivalent)"
-        if stage < 2:
-            return "ddp", True, False, source
-        return "fsdp", stage >= 3, offload, source
+        raise ValueError(_deepspeed_refusal())
     return ("ddp" if world_size > 1 else "none"), True, False, "process count"
+
+
+def _deepspeed_refusal() -> str:
+    """Why a DeepSpeed accelerate config is refused, and the FSDP2 options that do the same job."""
+    stage = int(_env("ACCELERATE_DEEPSPEED_ZERO_STAGE") or 2)
+    offload = "cpu" in (_env(f"ACCELERATE_DEEPSPEED_OFFLOAD_{x}_DEVICE") for x in ("OPTIMIZER", "PARAM"))
+    same = {0: "ddp", 1: "ddp", 2: "zero2"}.get(stage, "fsdp") + (" --cpu-offload" if offload and stage >= 2 else "")
+    return (
+        f"accelerate config: DeepSpeed (ZeRO-{stage}) is not supported; QVGen trains with PyTorch FSDP2. "
+        f"Add `--parallel {same}` to the same `accelerate launch` command (the FSDP2 equivalent), "
+        "or use an accelerate config with `distributed_type: FSDP` (docs/training.md)"
+    )
 
 
 def mixed_precision_from_env(value: str) -> str:

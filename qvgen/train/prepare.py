@@ -1,12 +1,15 @@
 """One-off encoding of the dataset with the pipeline's VAE and text encoder, cached as safetensors.
 
 Training then keeps only the teacher and the student in memory. The cache folder holds one
-`clip-NNNNNN.safetensors` per clip (`latents`, `text`), `empty.safetensors` (the dropped-caption
-embedding) and `cache.json` describing how it was made, so a mismatched cache is refused.
+`clip-<key>.safetensors` per clip (`latents`, `text`), `empty-<key>.safetensors` (the dropped-caption
+embedding) and `index.json`, the clips of the last prepared dataset in order. Keys hash the source
+file's identity, its caption, the encoder and the settings, so one cache serves several datasets and
+settings without ever mixing them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,11 +21,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..checkpoint import _atomic_file
-from .data import DataError, discover, read_video
+from ..atomic import atomic_file, remove_stale_temps
+from ..hub_errors import looks_like_path, reaching
+from .data import Clip, DataError, discover, read_video
 from .objectives import CogVideoXObjective, FlowMatchingObjective
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 1 keyed clips by position (clip-000000...), which mixed datasets
+INDEX_NAME = "index.json"
 FAMILIES = {"WanPipeline": "wan", "CogVideoXPipeline": "cogvideox"}
 
 
@@ -33,10 +38,13 @@ def detect_family(model: str, revision: str | None = None) -> str:
         index = path / "model_index.json"
         if not index.is_file():
             raise ValueError(f"{path}: no model_index.json; expected a diffusers pipeline folder")
+    elif looks_like_path(model) or path.exists():
+        raise ValueError(f"--model {model}: no such folder (expected a diffusers pipeline folder or a Hub id)")
     else:
         from huggingface_hub import hf_hub_download
 
-        index = Path(hf_hub_download(model, "model_index.json", revision=revision))
+        with reaching(f"--model {model}"):
+            index = Path(hf_hub_download(model, "model_index.json", revision=revision))
     cls = json.loads(index.read_text()).get("_class_name", "")
     if cls not in FAMILIES:
         raise ValueError(f"{model}: pipeline {cls!r} is not supported; expected one of {sorted(FAMILIES)}")
@@ -109,54 +117,68 @@ def prepare(
     device: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Encode every clip of `data` into `cache` (skipping clips already there)."""
+    """Encode every clip of `data` into `cache`, reusing clips encoded before with the same key.
+
+    A clip's key hashes the video file's identity (resolved path, size, modification time), its caption,
+    the encoder (model and revision) and the settings, so another dataset, an edited caption or other
+    settings never reuse a stale encoding. `index.json` lists this dataset's clips in order.
+    """
     cache = Path(cache)
     clips = discover(data)
     family = detect_family(model, revision)
     spec = {
         "version": CACHE_VERSION,
         "model": model,
+        "revision": revision,
         "family": family,
         "num_frames": num_frames,
         "height": height,
         "width": width,
         "max_text_len": max_text_len,
         "frame_stride": frame_stride,
-        "count": len(clips),
     }
-    check_cache_spec(cache, spec)
+    names = [f"clip-{_clip_key(spec, clip)}.safetensors" for clip in clips]
+    empty_name = f"empty-{_key(spec)}.safetensors"
+    todo = [i for i, n in enumerate(names) if not (cache / n).is_file()]
+    if todo or not (cache / empty_name).is_file():
+        _encode_missing(model, family, revision, device, cache, spec, clips, names, todo, empty_name, progress)
+    index = {
+        "spec": spec,
+        "empty": empty_name,
+        "clips": [{"file": n, "source": str(c.path)} for n, c in zip(names, clips, strict=True)],
+    }
+    atomic_file(cache / INDEX_NAME, lambda p: p.write_text(json.dumps(index, indent=1)))
+    return cache
+
+
+def _key(obj: Any) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=10).hexdigest()
+
+
+def _clip_key(spec: dict[str, Any], clip: Clip) -> str:
+    st = clip.path.stat()
+    return _key([spec, str(clip.path.resolve()), st.st_size, st.st_mtime_ns, clip.caption])
+
+
+def _encode_missing(model, family, revision, device, cache, spec, clips, names, todo, empty_name, progress) -> None:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = _load_pipeline(model, family, device, dtype, revision)
     cache.mkdir(parents=True, exist_ok=True)
-    if not (cache / "empty.safetensors").is_file():
-        empty = _encode_text(pipe, family, [""], max_text_len, device)[0]
-        _atomic_file(cache / "empty.safetensors", lambda p: save_file({"text": empty.cpu().contiguous()}, str(p)))
-    for i, clip in enumerate(tqdm(clips, desc="QVGen: encoding dataset", disable=not progress)):
-        out = cache / f"clip-{i:06d}.safetensors"
-        if out.is_file():
-            continue
-        video = read_video(clip.path, num_frames, height, width, frame_stride)
+    remove_stale_temps(cache)
+    if not (cache / empty_name).is_file():
+        empty = _encode_text(pipe, family, [""], spec["max_text_len"], device)[0]
+        atomic_file(cache / empty_name, lambda p: save_file({"text": empty.cpu().contiguous()}, str(p)))
+    for i in tqdm(todo, desc="QVGen: encoding dataset", disable=not progress):
+        clip = clips[i]
+        video = read_video(clip.path, spec["num_frames"], spec["height"], spec["width"], spec["frame_stride"])
         tensors = {
             "latents": _encode_video(pipe, family, video).cpu().contiguous(),
-            "text": _encode_text(pipe, family, [clip.caption], max_text_len, device)[0].cpu().contiguous(),
+            "text": _encode_text(pipe, family, [clip.caption], spec["max_text_len"], device)[0].cpu().contiguous(),
         }
-        meta = {"source": clip.path.name}
-        _atomic_file(out, lambda p, t=tensors, m=meta: save_file(t, str(p), metadata=m))
-    (cache / "cache.json").write_text(json.dumps(spec, indent=2))
+        meta = {"source": str(clip.path)}
+        atomic_file(cache / names[i], lambda p, t=tensors, m=meta: save_file(t, str(p), metadata=m))
     del pipe
-    return cache
-
-
-def check_cache_spec(cache: Path, spec: dict[str, Any]) -> None:
-    """Refuse to mix clips encoded with other settings into an existing cache."""
-    f = cache / "cache.json"
-    if not f.is_file():
-        return
-    old = json.loads(f.read_text())
-    diff = {k: (old.get(k), v) for k, v in spec.items() if k != "count" and old.get(k) != v}
-    if diff:
-        raise DataError(f"{cache}: cache was made with other settings {diff} (old, new); use another --cache folder")
 
 
 class CachedLatentDataset(Dataset):
@@ -164,12 +186,15 @@ class CachedLatentDataset(Dataset):
 
     def __init__(self, cache: str | Path) -> None:
         self.cache = Path(cache)
-        self.files = sorted(self.cache.glob("clip-*.safetensors"))
-        if not self.files:
-            raise DataError(f"{self.cache}: no encoded clips (run the prepare step first)")
-        empty = self.cache / "empty.safetensors"
-        if not empty.is_file():
-            raise DataError(f"{empty}: missing (the prepare step did not finish)")
+        index = self.cache / INDEX_NAME
+        if not index.is_file():
+            raise DataError(f"{index}: missing; encode the dataset first (pass --data)")
+        meta = json.loads(index.read_text())
+        self.files = [self.cache / c["file"] for c in meta["clips"]]
+        empty = self.cache / meta["empty"]
+        missing = [f for f in [*self.files, empty] if not f.is_file()]
+        if missing:
+            raise DataError(f"{missing[0]}: listed in {index} but missing; pass --data again to re-encode it")
         self.empty_text = load_file(str(empty))["text"]
 
     def __len__(self) -> int:

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..checkpoint import _atomic_dir
+from ..atomic import atomic_dir
 from ..layers import QVGenLinear
 
 STEP_PREFIX = "step-"
@@ -88,7 +88,7 @@ def write_training_state(
         save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=_json_default))
 
-    _atomic_dir(target, write)
+    atomic_dir(target, write)
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target

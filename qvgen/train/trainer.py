@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -28,15 +29,18 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..atomic import remove_stale_temps
 from ..config import QVGenConfig
 from ..convert import ConversionReport, convert_model, current_rank
 from ..decay import RankDecaySchedule
 from ..layers import QVGenLinear
 from ..transforms import uses_smoothing
 from .distributed import PARALLEL_MODES, TEACHER_PLACEMENTS, Engine, meta_student, mixed_precision_from_env
+from .interrupt import StopOnSignal, TrainingInterrupted
 from .memory import MemoryEstimate, estimate_memory
 from .objectives import FlowMatchingObjective, NoisyBatch, predict
 from .state import (
+    STEP_PREFIX,
     checkpoint_keys,
     list_checkpoints,
     match_phi_structure,
@@ -310,8 +314,9 @@ def _train(
 
     # where to start: rank 0 looks, everyone learns the answer
     ckpt = None
-    if main and opts.resume:
-        found = list_checkpoints(ckpt_dir)
+    if main:
+        _tidy_output(opts, ckpt_dir, say)
+        found = list_checkpoints(ckpt_dir) if opts.resume else []
         ckpt = found[-1] if found else None
     ckpt = engine.broadcast_object(ckpt)
 
@@ -343,6 +348,7 @@ def _train(
             match_phi_structure(student, checkpoint_keys(ckpt))
         resume = engine.broadcast_object({k: saved[k] for k in ("step", "scheduler", "torch_rng")} if main else None)
         start = int(resume["step"])
+        say(f"resuming from step {start} ({ckpt})", opts)
     checkpointing = _gradient_checkpointing(opts, device) and hasattr(student, "enable_gradient_checkpointing")
     if checkpointing:
         student.enable_gradient_checkpointing()
@@ -388,57 +394,64 @@ def _train(
         say(str(memory), opts)
     engine.barrier()
 
+    def save(done: int) -> Path:
+        model_sd, optim_sd = engine.full_state(model, optimizer)
+        if main:
+            write_training_state(ckpt_dir, done, model_sd, optim_sd, scheduler.state_dict(), keep=opts.keep_checkpoints)
+        engine.barrier()
+        return ckpt_dir / f"{STEP_PREFIX}{done:07d}"
+
     show = opts.progress and main
     bar = tqdm(range(start, opts.steps), initial=start, total=opts.steps, desc="QVGen QAT", disable=not show)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    for step in bar:
-        if engine.apply_decay(schedule, model, step):
-            sync_optimizer_with_phi(optimizer, student)
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-        t0 = time.perf_counter()
-        loss_sum = 0.0
-        indices = global_batch_indices(len(dataset), opts.seed, step, global_batch)
-        for micro in range(opts.grad_accum):
-            first = micro * b * world + engine.rank * b
-            noisy = make_batch(dataset, objective, opts, step, indices, range(first, first + b), device)
-            with torch.no_grad(), _autocast(device, opts):
-                target = predict(teacher, noisy.inputs)
-            with engine.sync_context(model, micro == opts.grad_accum - 1):
-                with _autocast(device, opts):
-                    out = predict(model, noisy.inputs)
-                loss = objective.loss(out, target, noisy.aux) / opts.grad_accum
-                loss.backward()
-            loss_sum += float(loss.detach())
-        grad_norm = engine.clip_grad_norm(params, opts.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = engine.mean(loss_sum)
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"step {step}: loss is {loss_sum}; lower --lr or check the data")
-        rec = {
-            "step": step,
-            "loss": loss_sum,
-            "rank": current_rank(student),
-            "grad_norm": grad_norm,
-            "lr": optimizer.param_groups[0]["lr"],
-            "clip_lr": optimizer.param_groups[2]["lr"],
-            "sec": round(time.perf_counter() - t0, 4),
-        }
-        history.append(rec)
-        if main:
-            with log_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-        bar.set_postfix(loss=f"{loss_sum:.4g}", rank=rec["rank"], gnorm=f"{grad_norm:.3g}")
-        if on_step is not None:
-            on_step(step, rec)
-        if (step + 1) % opts.checkpoint_every == 0 or step + 1 == opts.steps:
-            model_sd, optim_sd = engine.full_state(model, optimizer)
+    with StopOnSignal(lambda msg: say(msg, opts)) as stop:
+        for step in bar:
+            if engine.apply_decay(schedule, model, step):
+                sync_optimizer_with_phi(optimizer, student)
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+            t0 = time.perf_counter()
+            loss_sum = 0.0
+            indices = global_batch_indices(len(dataset), opts.seed, step, global_batch)
+            for micro in range(opts.grad_accum):
+                first = micro * b * world + engine.rank * b
+                noisy = make_batch(dataset, objective, opts, step, indices, range(first, first + b), device)
+                with torch.no_grad(), _autocast(device, opts):
+                    target = predict(teacher, noisy.inputs)
+                with engine.sync_context(model, micro == opts.grad_accum - 1):
+                    with _autocast(device, opts):
+                        out = predict(model, noisy.inputs)
+                    loss = objective.loss(out, target, noisy.aux) / opts.grad_accum
+                    loss.backward()
+                loss_sum += float(loss.detach())
+            grad_norm = engine.clip_grad_norm(params, opts.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = engine.mean(loss_sum)
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(f"step {step}: loss is {loss_sum}; lower --lr or check the data")
+            rec = {
+                "step": step,
+                "loss": loss_sum,
+                "rank": current_rank(student),
+                "grad_norm": grad_norm,
+                "lr": optimizer.param_groups[0]["lr"],
+                "clip_lr": optimizer.param_groups[2]["lr"],
+                "sec": round(time.perf_counter() - t0, 4),
+            }
+            history.append(rec)
             if main:
-                write_training_state(
-                    ckpt_dir, step + 1, model_sd, optim_sd, scheduler.state_dict(), keep=opts.keep_checkpoints
-                )
-            engine.barrier()
+                with log_path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{loss_sum:.4g}", rank=rec["rank"], gnorm=f"{grad_norm:.3g}")
+            if on_step is not None:
+                on_step(step, rec)
+            due = (step + 1) % opts.checkpoint_every == 0 or step + 1 == opts.steps
+            if due:
+                save(step + 1)
+            if step + 1 < opts.steps and engine.mean(float(stop.requested)) > 0:  # all processes stop together
+                path = ckpt_dir / f"{STEP_PREFIX}{step + 1:07d}" if due else save(step + 1)
+                raise TrainingInterrupted(step + 1, stop.signum or signal.SIGTERM, str(path))
 
     final = _final_student(engine, model, student, final_copy)
     if final is not None:
@@ -472,6 +485,26 @@ def _final_student(engine: Engine, model: nn.Module, student: nn.Module, final_c
     match_phi_structure(final_copy, sd)
     final_copy.load_state_dict(sd, assign=True)
     return final_copy
+
+
+def _tidy_output(opts: TrainOptions, ckpt_dir: Path, say: Callable[[str, TrainOptions], None]) -> None:
+    """Clear what a killed run left half-written; with `resume=False`, move an earlier run aside, never delete it."""
+    for folder in (opts.output_dir, ckpt_dir):
+        for p in remove_stale_temps(folder):
+            say(f"removed {p.name}, left in {folder} by an interrupted write", opts)
+    old_log = opts.output_dir / "train_log.jsonl"
+    if opts.resume or not (list_checkpoints(ckpt_dir) or old_log.is_file()):
+        return
+    stamp = time.strftime("previous-run-%Y%m%d-%H%M%S")
+    aside, n = opts.output_dir / stamp, 1
+    while aside.exists():  # two moves in the same second
+        n += 1
+        aside = opts.output_dir / f"{stamp}-{n}"
+    aside.mkdir(parents=True)
+    for p in (ckpt_dir, old_log, opts.output_dir / "train_config.json"):
+        if p.exists():
+            os.replace(p, aside / p.name)
+    say(f"--no-resume: the earlier run's checkpoints and log were moved to {aside}", opts)
 
 
 def _say(msg: str, opts: TrainOptions) -> None:
