@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tiny_models import tiny_wan_pipeline, write_clips
 
 from qvgen import PackedLinear, load_quantized_model
 
+pytestmark = pytest.mark.slow  # launches 2 processes through accelerate
 REPO = Path(__file__).resolve().parents[1]
 FSDP_ZERO2_CPU = """\
 compute_environment: LOCAL_MACHINE

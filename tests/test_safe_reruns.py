@@ -128,6 +128,7 @@ def test_signal_stops_after_the_step_with_a_checkpoint(tmp_path, sig):
     assert losses == pytest.approx([r["loss"] for r in full.history], rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_cli_interrupt_says_how_to_resume(tmp_path, pipe_dir, capsys, caplog):
     write_clips(tmp_path / "data", n=2, layout="jsonl")
     out = tmp_path / "run"
