@@ -37,7 +37,9 @@ def hub_error_line(exc: BaseException, source: str) -> str | None:
         return f"{source}: not found on the Hub (check the id; private repos need `hf auth login` or HF_TOKEN)"
     if isinstance(exc, errors.RevisionNotFoundError):
         return f"{source}: the requested revision does not exist on the Hub"
-    if isinstance(exc, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
+    if isinstance(exc, errors.OfflineModeIsEnabled):
+        return f"{source}: the Hub cannot be reached in offline mode (HF_HUB_OFFLINE=1); unset it and retry online"
+    if isinstance(exc, errors.LocalEntryNotFoundError):
         return (
             f"{source}: not in the local Hugging Face cache and the Hub cannot be reached (offline, or "
             "HF_HUB_OFFLINE=1); download it once while online, or pass a local folder"

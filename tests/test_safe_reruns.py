@@ -13,10 +13,11 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import tiny_wan, tiny_wan_pipeline, write_clips
 
 from qvgen import QVGenConfig
+from qvgen.checkpoint import save_quantized
 from qvgen.layers import top_svd
 from qvgen.train import LatentDataset, TrainOptions, train
 from qvgen.train.cli import main as train_main
@@ -212,3 +213,71 @@ def test_a_run_writes_no_pickle(tmp_path):
     files = [p for p in out.rglob("*") if p.is_file()]
     assert files and all(p.suffix in (".safetensors", ".json", ".jsonl") for p in files), files
     load_file(out / "checkpoints" / "step-0000003" / "student.safetensors")
+
+
+# ---- conversion, upload, loading -----------------------------------------------------------------
+def _authors_checkpoint(folder):
+    from test_convert_official import authors_state
+
+    model = tiny_wan()
+    folder.mkdir()
+    save_file(authors_state(model), str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(dict(model.config)))
+    return folder / "diffusion_pytorch_model.safetensors"
+
+
+@pytest.mark.parametrize("target", ["file", "folder"])
+def test_convert_refuses_to_replace_its_source(tmp_path, capsys, target):
+    from qvgen.convert_official import main as convert_main
+
+    src = _authors_checkpoint(tmp_path / "authors")
+    before = src.read_bytes()
+    out = src if target == "file" else src.parent
+    assert convert_main([str(src), str(out)]) == 2
+    assert "would replace the source" in capsys.readouterr().err
+    assert src.read_bytes() == before
+
+
+def test_convert_hub_source_offline_is_one_line(tmp_path, capsys, monkeypatch):
+    from qvgen.convert_official import main as convert_main
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert convert_main(["qvgen-test/not-cached", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "qvgen-test/not-cached: not in the local Hugging Face cache" in err
+
+
+def test_hub_push_offline_is_one_line(tmp_path, capsys, monkeypatch):
+    from qvgen.hub import main as hub_main
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token_0123456789")
+    result = _train(tmp_path / "run", steps=6)  # Φ decayed to rank 0 by step 6
+    save_quantized(result.student, QVGenConfig(rank=4, phase_steps=2, n_buckets=2), tmp_path / "run" / "transformer")
+    base = tmp_path / "base"
+    tiny_wan_pipeline().save_pretrained(base)
+    capsys.readouterr()
+    rc = hub_main(["push", str(tmp_path / "run"), "qvgen-test/upload", "--base-model", str(base)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: qvgen-test/upload: the Hub cannot be reached in offline mode"), err
+    assert "hf_not_a_real_token" not in err
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    import qvgen  # noqa: F401  (registers the backend)
+    from qvgen import CheckpointError
+    from qvgen.convert import convert_model, pack_model
+
+    model, cfg = tiny_wan(), QVGenConfig(rank=0, n_buckets=2)
+    convert_model(model, cfg, progress=False)
+    pack_model(model, cfg)
+    folder = tmp_path / "transformer"
+    save_quantized(model, cfg, folder, dtype=torch.float32)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), folder / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.bin: QVGen checkpoints are safetensors only"):
+        WanTransformer3DModel.from_pretrained(folder)
