@@ -10,8 +10,11 @@ from __future__ import annotations
 import math
 
 import torch
-from qvgen_kernels.common import exact_div
 from torch import Tensor, nn
+
+from .kernels_import import qvgen_kernels
+
+exact_div = qvgen_kernels.common.exact_div
 
 SCALE_MIN = 1e-5
 CLIP_RATIOS = tuple(round(1.0 - 0.01 * i, 2) for i in range(80))  # 1.00, 0.99, ..., 0.21

@@ -15,8 +15,11 @@ import math
 import zlib
 
 import torch
-from qvgen_kernels.common import exact_div
 from torch import Tensor
+
+from .kernels_import import qvgen_kernels
+
+exact_div = qvgen_kernels.common.exact_div
 
 TRANSFORMS = ("none", "hadamard", "smooth", "smooth_hadamard")
 

@@ -4,7 +4,9 @@ Node definitions come from a running ComfyUI's `/object_info` (`defs_from_object
 QVGen's own nodes, from `schema.py` (`defs_from_specs`). `check_workflow` reports node types that
 do not exist, links whose types do not match the sockets at either end, link tables that disagree
 with the nodes, required inputs left unconnected, and widget value lists of the wrong length.
-Used by the tests on everything in `workflows/`.
+A list may leave out trailing *optional* widgets: the frontend gives them their defaults, which is
+how a workflow saved on an older ComfyUI keeps loading after a node gains one (ComfyUI 0.29's
+`CreateVideo` added `bit_depth`). Used by the tests on everything in `workflows/`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,22 @@ class NodeDef:
     widgets: list[str] = field(default_factory=list)  # widget inputs in order
     extra_widget_values: int = 0  # e.g. the seed's "control after generate" value
     outputs: list[str] = field(default_factory=list)
+    optional_tail: int = 0  # trailing widgets that are optional and may be left out (their defaults apply)
+
+    def widget_counts(self) -> range:
+        """How many widget values a saved workflow may hold for this node."""
+        full = len(self.widgets) + self.extra_widget_values
+        return range(full - self.optional_tail, full + 1)
+
+
+def _optional_tail(flags: list[bool]) -> int:
+    """The number of trailing True flags (widgets that may be omitted, in widget order)."""
+    n = 0
+    for omissible in reversed(flags):
+        if not omissible:
+            break
+        n += 1
+    return n
 
 
 def _input_type(spec: Any) -> str:
@@ -37,6 +55,7 @@ def defs_from_object_info(info: dict[str, Any]) -> dict[str, NodeDef]:
     for name, node in info.items():
         d = NodeDef(outputs=[str(o) if not isinstance(o, list) else "COMBO" for o in node.get("output", [])])
         order = node.get("input_order") or {}
+        omissible: list[bool] = []
         for group in ("required", "optional"):
             entries = node.get("input", {}).get(group, {}) or {}
             names = order.get(group) or list(entries)
@@ -49,8 +68,10 @@ def defs_from_object_info(info: dict[str, Any]) -> dict[str, NodeDef]:
                 if t in WIDGET_TYPES:
                     d.widgets.append(n)
                     opts = spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 else {}
-                    if isinstance(opts, dict) and opts.get("control_after_generate"):
-                        d.extra_widget_values += 1
+                    control = isinstance(opts, dict) and bool(opts.get("control_after_generate"))
+                    d.extra_widget_values += control
+                    omissible.append(group == "optional" and not control)
+        d.optional_tail = _optional_tail(omissible)
         out[name] = d
     return out
 
@@ -65,6 +86,7 @@ def defs_from_specs(specs: dict[str, NodeSpec] | None = None) -> dict[str, NodeD
                 d.required.add(i.name)
             if i.is_widget:
                 d.widgets.append(i.name)
+        d.optional_tail = _optional_tail([i.optional for i in spec.inputs if i.is_widget])
         out[node_id] = d
     return out
 
@@ -112,9 +134,10 @@ def check_workflow(wf: dict[str, Any], defs: dict[str, NodeDef]) -> list[str]:
                 errors.append(f"{where}: output {slot} is {d.outputs[slot]}, workflow says {out.get('type')}")
         values = node.get("widgets_values")
         if isinstance(values, list):
-            n_expected = len(d.widgets) + d.extra_widget_values
-            if len(values) != n_expected:
-                errors.append(f"{where}: {len(values)} widget values, expected {n_expected} for {d.widgets}")
+            counts = d.widget_counts()
+            if len(values) not in counts:
+                expected = str(counts[-1]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+                errors.append(f"{where}: {len(values)} widget values, expected {expected} for {d.widgets}")
     for lid, link in links.items():
         _, src, src_slot, dst, dst_slot, ltype = link[:6]
         where = f"link {lid}"

@@ -1,39 +1,79 @@
 #!/usr/bin/env bash
-# Set up a local ComfyUI for QVGen's integration tests (nothing here is committed to this repo):
+# A real ComfyUI for QVGen's integration tests, from the source snapshots in ../shared/comfyui/.
 #
-#   scripts/comfyui_setup.sh [COMFYUI_DIR] [VENV_DIR]
-#   COMFYUI_PATH=COMFYUI_DIR COMFYUI_PYTHON=VENV_DIR/bin/python VENV_DIR/bin/python -m pytest tests/test_comfyui_integration.py
+#   scripts/comfyui_setup.sh VERSION...          set up .comfyui/VERSION/ for each VERSION
+#   scripts/comfyui_setup.sh --test VERSION...   ... then run tests/test_comfyui_integration.py against it
 #
-# COMFYUI_DIR (default ../ComfyUI-qvgen-tests) is cloned at COMFYUI_REF when missing (or reuse a
-# checkout you have); VENV_DIR (default COMFYUI_DIR/.venv) gets torch (TORCH_SPEC, default the
-# CPU build), ComfyUI's requirements and what the tests need (diffusers to make the tiny models,
-# pytest). On CPU-only machines PyPI's torchvision may not match the CPU torch; the tests start
-# ComfyUI through scripts/comfyui_launch.py, which works around that.
+# VERSION is a snapshot `comfyui-VERSION.tar.gz` in COMFYUI_SNAPSHOTS (default ../shared/comfyui next
+# to this repository): 0.29.0 (current upstream) and 0.3.64 (the oldest release the pack claims).
+# A VERSION whose snapshot is absent is skipped with a message, so this runs on any machine.
+#
+# What it makes, all under the ignored .comfyui/VERSION/ (nothing of ComfyUI is ever committed):
+#   ComfyUI/     the snapshot, with this repository symlinked as custom_nodes/QVGen (a plain clone:
+#                QVGen is never pip-installed into ComfyUI's environment; the tests link it again
+#                into their own temporary base directory);
+#   venv/        ComfyUI's own environment: the CPU torch, ComfyUI's requirements.txt (without its
+#                torch lines, under a constraint pinning that torch) and the pack's requirements.txt;
+#   test-site/   what only the test process needs (pytest, diffusers for the tiny reference models),
+#                on pytest's sys.path and never on that of the ComfyUI server it starts.
+# PyPI's torchvision is a CUDA build that does not import beside the CPU torch, and 0.29 imports
+# torchaudio at start-up: the venv gets the shim and the import-only torchaudio stub from the
+# snapshot folder (its README.md says why). Nothing on the Wan path uses either.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-comfy="${1:-$here/../ComfyUI-qvgen-tests}"
-venv="${2:-$comfy/.venv}"
-ref="${COMFYUI_REF:-v0.3.64}"
-torch_spec="${TORCH_SPEC:-torch}"
-torch_index="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+snapshots="${COMFYUI_SNAPSHOTS:-$here/../shared/comfyui}"
+torch_spec="${TORCH_SPEC:-torch==2.13.0}"
+run_tests=0
+if [ "${1:-}" = "--test" ]; then run_tests=1; shift; fi
+[ $# -gt 0 ] || { sed -n '2,5p' "$0" >&2; exit 2; }
 
-case "$(cd "$(dirname "$comfy")" 2>/dev/null && pwd)/" in
-  "$here"/*) echo "refusing to put ComfyUI inside this repository: $comfy" >&2; exit 1 ;;
-esac
-if [ ! -f "$comfy/main.py" ]; then
-  git clone --depth 1 --branch "$ref" https://github.com/comfyanonymous/ComfyUI "$comfy"
-fi
-python3 -m venv "$venv"
-py="$venv/bin/python"
-"$py" -m pip install -q --upgrade pip
-if [ -n "$torch_index" ]; then
-  "$py" -m pip install -q "$torch_spec" torchvision --index-url "$torch_index" \
-    || "$py" -m pip install -q "$torch_spec"
-else
+log() { echo "[comfyui $1] $2"; }
+
+setup() {  # VERSION DEST
+  local ver="$1" dest="$2" archive="$snapshots/comfyui-$1.tar.gz"
+  mkdir -p "$dest"
+  echo '*' > "$here/.comfyui/.gitignore"
+  if [ ! -f "$dest/ComfyUI/main.py" ]; then
+    tar xzf "$archive" -C "$dest"
+  fi
+  ln -sfn "$here" "$dest/ComfyUI/custom_nodes/QVGen"
+  local py="$dest/venv/bin/python"
+  [ -x "$py" ] || python3 -m venv "$dest/venv"
+  echo "$torch_spec" > "$dest/constraints.txt"
   "$py" -m pip install -q "$torch_spec"
-fi
-grep -v -E '^(torch|torchvision|torchaudio)([<>=!~ ].*)?$' "$comfy/requirements.txt" > "$venv/comfy-requirements.txt"
-"$py" -m pip install -q -r "$venv/comfy-requirements.txt" requests
-"$py" -m pip install -q -r "$here/requirements.txt" diffusers accelerate pytest
-echo "ComfyUI: $comfy"
-echo "run:  COMFYUI_PATH=$comfy COMFYUI_PYTHON=$py $py -m pytest $here/tests/test_comfyui_integration.py"
+  grep -v -E '^(torch|torchvision|torchaudio)([<>=!~ ].*)?$' "$dest/ComfyUI/requirements.txt" > "$dest/requirements.txt"
+  # 0.3.64 imports requests without listing it
+  "$py" -m pip install -q -c "$dest/constraints.txt" -r "$dest/requirements.txt" -r "$here/requirements.txt" requests
+  local site
+  site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  cp "$snapshots/tv_cpu_shim.py" "$site/qvgen_ci_tv_cpu_shim.py"
+  echo "import qvgen_ci_tv_cpu_shim" > "$site/qvgen_ci_tv_cpu_shim.pth"
+  rm -rf "$dest/stubs" && mkdir -p "$dest/stubs" && cp -r "$snapshots/stubs/torchaudio" "$dest/stubs/"
+  "$py" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torchaudio") is not None)' \
+    && echo "$dest/stubs" > "$site/qvgen_ci_torchaudio_stub.pth"
+  "$py" -m pip install -q --no-deps --target "$dest/test-site" --upgrade \
+    pytest pluggy iniconfig diffusers accelerate importlib_metadata zipp regex
+  if "$py" -I -c 'import qvgen' 2>/dev/null; then
+    log "$ver" "qvgen is importable in ComfyUI's venv: the pack would not be tested as a plain clone" >&2
+    exit 1
+  fi
+}
+
+for ver in "$@"; do
+  dest="$here/.comfyui/$ver"
+  if [ ! -f "$snapshots/comfyui-$ver.tar.gz" ]; then
+    log "$ver" "skipped: no snapshot $snapshots/comfyui-$ver.tar.gz"
+    continue
+  fi
+  t0=$SECONDS
+  setup "$ver" "$dest"
+  log "$ver" "set up in $((SECONDS - t0))s: COMFYUI_PATH=$dest/ComfyUI COMFYUI_PYTHON=$dest/venv/bin/python"
+  if [ "$run_tests" = 1 ]; then
+    t0=$SECONDS
+    # test-site goes on pytest's sys.path only: the ComfyUI server the tests start must not see it
+    (cd "$here" && COMFYUI_PATH="$dest/ComfyUI" COMFYUI_PYTHON="$dest/venv/bin/python" HF_HUB_OFFLINE=1 \
+      "$dest/venv/bin/python" -c 'import sys; sys.path[:0] = [sys.argv.pop(1)]; import pytest; sys.exit(pytest.main())' \
+      "$dest/test-site" -p no:cacheprovider -m comfyui tests/test_comfyui_integration.py)
+    log "$ver" "integration tests passed in $((SECONDS - t0))s"
+  fi
+done

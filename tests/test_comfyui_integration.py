@@ -1,16 +1,25 @@
 """Integration tests against a real ComfyUI (skipped unless COMFYUI_PATH points at a checkout).
 
+    scripts/comfyui_setup.sh --test 0.29.0 0.3.64
+
+sets up each ComfyUI snapshot from ../shared/comfyui with its own environment (the pack is not
+installed there: it is a plain clone in `custom_nodes/`) and runs this file with that ComfyUI's
+python, which is how these tests are meant to run (the in-process tests import ComfyUI). Another
+ComfyUI: `COMFYUI_PATH=… COMFYUI_PYTHON=… python -m pytest -m comfyui tests/test_comfyui_integration.py`
+from an interpreter that can import it; one that cannot fails with a message saying so.
+
 Two kinds, both described in docs/comfyui.md ("Integration tests"):
 
-- server tests: ComfyUI is started on loopback with this repository and `tests/comfy_test_pack`
-  linked into a temporary `custom_nodes/`, and tiny Wan checkpoints made here in its
-  `models/`. They check that the pack loads, that `/object_info` lists the nodes, and run
-  API-format prompts through the loader / quantize node, `ModelSamplingSD3`, a LoRA loader and
-  `KSampler` to saved latents. ComfyUI runs in `COMFYUI_PYTHON` (default: this interpreter).
-- in-process tests (need ComfyUI importable in this interpreter): the model ComfyUI builds with
-  QVGen's layers against the diffusers reference, LoRA patching and `--lowvram`-style offload.
-
-    COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/test_comfyui_integration.py
+- server tests: ComfyUI is started on loopback with this repository linked into a temporary
+  `custom_nodes/qvgen` (the folder name the registry gives, the same as the library's) beside
+  `tests/comfy_test_pack`, and tiny Wan checkpoints and a random-weight Wan VAE made here in its
+  `models/`. They check that the pack loads without import failures, that `/object_info` lists the
+  nodes, and run API-format prompts through the loader / quantize node, `ModelSamplingSD3`, a LoRA
+  loader, `KSampler`, `VAEDecode` and `SaveAnimatedWEBP`; broken files fail their prompt with a
+  message naming the problem while the server keeps serving. ComfyUI runs in `COMFYUI_PYTHON`
+  (default: this interpreter).
+- in-process tests (ComfyUI imported here): the model ComfyUI builds with QVGen's layers against
+  the diffusers reference, LoRA patching and `--lowvram`-style offload.
 """
 
 from __future__ import annotations
@@ -33,10 +42,27 @@ REPO = Path(__file__).resolve().parent.parent
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 START_TIMEOUT = float(os.environ.get("COMFYUI_START_TIMEOUT", "180"))
+PACK_FOLDER = "qvgen"
+
+
+def _comfyui_version() -> tuple[int, ...]:
+    """The version of the ComfyUI at COMFYUI_PATH, from its `comfyui_version.py` ((0,) if unknown)."""
+    try:
+        text = (Path(COMFYUI_PATH) / "comfyui_version.py").read_text()
+        return tuple(int(p) for p in text.split('"')[1].split("."))
+    except (OSError, IndexError, ValueError):
+        return (0,)
+
+
+COMFYUI_VERSION = _comfyui_version() if COMFYUI_PATH else (0,)
 
 pytestmark = [
     pytest.mark.comfyui,
-    pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run the integration tests"),
+    pytest.mark.skipif(
+        not COMFYUI_PATH,
+        reason="COMFYUI_PATH is not set: scripts/comfyui_setup.sh --test VERSION sets up a ComfyUI "
+        "snapshot from ../shared/comfyui and runs these tests",
+    ),
 ]
 
 if COMFYUI_PATH:  # ComfyUI's environment may carry a torchvision that needs the launcher's workaround
@@ -49,10 +75,13 @@ QVGEN_FILE = "qvgen_tiny_w4a4.safetensors"
 FP_FILE = "wan_tiny_fp.safetensors"
 HUB_REPO = "qvgen-test/tiny-wan-w4a4"
 LORA_FILE = "qvgen_tiny_lora.safetensors"
+VAE_FILE = "wan_tiny_random_vae.safetensors"
+BROKEN_FILE = "qvgen_tiny_missing_tensor.safetensors"
 
 
 def import_qvgen_nodes():
-    """`qvgen_nodes` from this checkout (it is the node pack, not an installed package)."""
+    """`qvgen_nodes` from this checkout (it is the node pack, not an installed package), and `qvgen`
+    through it."""
     if "qvgen_nodes" in sys.modules:
         return sys.modules["qvgen_nodes"]
     folder = REPO / "qvgen_nodes"
@@ -62,6 +91,7 @@ def import_qvgen_nodes():
     module = importlib.util.module_from_spec(spec)
     sys.modules["qvgen_nodes"] = module
     spec.loader.exec_module(module)
+    module.ensure_qvgen()  # the library as the pack gets it (ComfyUI's environment does not install qvgen)
     return module
 
 
@@ -128,6 +158,56 @@ def make_lora(path: Path, rank: int = 4) -> dict[str, torch.Tensor]:
     return sd
 
 
+def make_wan_vae(path: Path) -> Path:
+    """A Wan 2.1 VAE with random weights, built with ComfyUI's own class (its architecture is fixed:
+    about 127 M parameters, 250 MB in fp16); enough to run `VAEDecode` and save a video."""
+    _import_comfy()
+    from comfy.ldm.wan.vae import WanVAE
+    from safetensors.torch import save_file
+
+    vae = WanVAE(
+        dim=96,
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+    )
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # ComfyUI's layers skip initialisation: set every parameter
+        for name, p in vae.named_parameters():
+            if name.endswith("gamma"):  # RMS norms
+                p.fill_(1.0)
+            elif p.ndim > 1:  # convolutions: unit variance through each layer
+                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
+            else:
+                p.zero_()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in vae.state_dict().items()}, str(path))
+    return path
+
+
+def first_packed_key(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return next(k for k in sorted(f.keys()) if k.endswith(".qweight"))
+
+
+def make_broken_checkpoint(good: Path, path: Path) -> Path:
+    """A copy of a QVGen checkpoint whose first packed weight (`first_packed_key`) lost a column: the
+    header and the config are intact, so the loader lists it and fails only when it builds the model."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    broken = first_packed_key(good)
+    with safe_open(str(good), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors[broken] = tensors[broken][:, :-1].contiguous()
+        save_file(tensors, str(path), metadata=f.metadata())
+    return path
+
+
 # ---- a ComfyUI server -------------------------------------------------------------------------
 class Server:
     def __init__(self, base: Path, port: int, proc: subprocess.Popen, log: Path) -> None:
@@ -180,12 +260,14 @@ def comfy_home(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("comfyui_home")
     nodes = base / "custom_nodes"
     nodes.mkdir()
-    (nodes / "QVGen").symlink_to(REPO, target_is_directory=True)
+    (nodes / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
     (nodes / "qvgen_test_pack").symlink_to(REPO / "tests" / "comfy_test_pack", target_is_directory=True)
     dm = base / "models" / "diffusion_models"
     make_qvgen_checkpoint(dm / QVGEN_FILE)
+    make_broken_checkpoint(dm / QVGEN_FILE, dm / BROKEN_FILE)
     make_fp_checkpoint(dm / FP_FILE)
     make_lora(base / "models" / "loras" / LORA_FILE)
+    make_wan_vae(base / "models" / "vae" / VAE_FILE)
     # What an earlier online run of the loader's repo_id download leaves behind.
     hub_copy = dm / "qvgen" / HUB_REPO.replace("/", "--") / "comfyui" / "tiny.safetensors"
     make_qvgen_checkpoint(hub_copy, n_buckets=1)
@@ -217,7 +299,11 @@ def server(comfy_home):
     try:
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"ComfyUI exited with {proc.returncode}:\n{srv.log_tail()}")
+                raise AssertionError(
+                    f"ComfyUI ({COMFYUI_PATH}) exited with {proc.returncode} under {COMFYUI_PYTHON}; set "
+                    "COMFYUI_PYTHON to ComfyUI's own python (scripts/comfyui_setup.sh makes one). Log:\n"
+                    + srv.log_tail()
+                )
             try:
                 srv.get("/system_stats")
                 break
@@ -292,17 +378,53 @@ def test_pack_loads_and_object_info_lists_the_nodes(server):
     assert set(loader["input"]["optional"]) == {"repo_id", "revision", "backend", "compute_dtype"}
     assert info["QVGenQuantize"]["input"]["required"]["model"][0] == "MODEL"
     log = server.log.read_text(errors="replace").splitlines()
-    ours = [line for line in log if "custom_nodes/QVGen" in line or "qvgen_test_pack" in line]
+    ours = [line for line in log if f"custom_nodes/{PACK_FOLDER}" in line or "qvgen_test_pack" in line]
     assert not [line for line in ours if "IMPORT FAILED" in line or "Cannot import" in line], ours
     print(f"ComfyUI answered after {server.startup_s:.1f}s; pack import: {[line.strip() for line in ours]}")
 
 
-def test_loader_model_runs_through_ksampler(server):
+def test_loader_graph_runs_to_a_saved_video(server):
+    """The shipped workflow's chain: loader → ModelSamplingSD3 → KSampler → VAEDecode → SaveAnimatedWEBP."""
+    from PIL import Image
+
+    video = {
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": VAE_FILE}},
+        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["vae", 0]}},
+        "webp": {
+            "class_type": "SaveAnimatedWEBP",
+            "inputs": {
+                "images": ["dec", 0],
+                "filename_prefix": "qvgen/w4a4",
+                "fps": 16.0,
+                "lossless": False,
+                "quality": 80,
+                "method": "fastest",
+            },
+        },
+    }
     t0 = time.monotonic()
-    entry = server.run(_latent_graph({"class_type": "QVGenLoader", "inputs": {"checkpoint": QVGEN_FILE}}, "qvgen/w4a4"))
+    node = {"class_type": "QVGenLoader", "inputs": {"checkpoint": QVGEN_FILE}}
+    entry = server.run(_latent_graph(node, "qvgen/w4a4", extra=video))
     latent = _saved_latent(server, entry)
     assert latent.shape == (1, 16, 2, 8, 8) and torch.isfinite(latent).all()
-    print(f"QVGenLoader → KSampler (4 steps) → SaveLatent: {time.monotonic() - t0:.2f}s, std {latent.std():.3f}")
+    item = entry["outputs"]["webp"]["images"][0]
+    with Image.open(server.base / "output" / item["subfolder"] / item["filename"]) as webp:
+        assert webp.format == "WEBP" and webp.size == (64, 64)
+        assert webp.n_frames == 5  # 2 latent frames → 5 (distinct: the random VAE's frames differ)
+    print(f"QVGenLoader → KSampler (4 steps) → VAEDecode → SaveAnimatedWEBP: {time.monotonic() - t0:.2f}s")
+
+
+def test_a_broken_checkpoint_fails_its_prompt_and_the_server_keeps_serving(server):
+    from qvgen.comfy_names import diffusers_to_comfy
+
+    broken = first_packed_key(server.base / "models" / "diffusion_models" / QVGEN_FILE).removesuffix(".qweight")
+    entry = server.run(_latent_graph({"class_type": "QVGenLoader", "inputs": {"checkpoint": BROKEN_FILE}}, "qvgen/bad"))
+    assert entry["status"]["status_str"] == "error"
+    text = json.dumps(entry["status"]["messages"])
+    assert BROKEN_FILE in text and diffusers_to_comfy(broken) in text, text[:2000]
+    assert server.get("/system_stats")["system"]
+    good = server.run(_latent_graph({"class_type": "QVGenLoader", "inputs": {"checkpoint": QVGEN_FILE}}, "qvgen/ok"))
+    assert torch.isfinite(_saved_latent(server, good)).all()
 
 
 def test_quantize_node_beside_full_precision_with_lora(server):
@@ -363,13 +485,16 @@ def _import_comfy():
         sys.path.insert(0, str(Path(COMFYUI_PATH).resolve()))
     try:
         import comfy.cli_args
-    except ImportError as e:
-        pytest.skip(f"ComfyUI's dependencies are not installed in this interpreter ({e})")
-    if not torch.cuda.is_available():
-        comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-    import comfy.sd
 
+        if not torch.cuda.is_available():
+            comfy.cli_args.args.cpu = True
+        import comfy.model_management  # noqa: F401
+        import comfy.sd
+    except ImportError as e:
+        pytest.fail(
+            f"ComfyUI at {COMFYUI_PATH} cannot be imported by {sys.executable} ({e}): run these tests with "
+            "ComfyUI's own python (scripts/comfyui_setup.sh --test VERSION does)"
+        )
     return comfy
 
 
@@ -399,6 +524,12 @@ def test_comfyui_model_matches_the_diffusers_reference(comfy, tmp_path, transfor
     assert nodes
 
 
+@pytest.mark.xfail(
+    COMFYUI_VERSION >= (0, 4),
+    reason="issue 12, item 5: ComfyUI 0.29 no longer calls the pack's convert/set weight hooks under --lowvram "
+    "patching, so the LoRA is dropped there (qvgen_nodes/ops.py)",
+    strict=False,
+)
 def test_lora_patches_quantized_layers_and_unpatches(comfy, tmp_path):
     import comfy.sd
     import comfy.utils
