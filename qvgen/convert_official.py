@@ -55,7 +55,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, QVGenConfig
 from .convert import build_packed_model
-from .kernels_import import qvgen_kernels
+from .packed_layer import assemble
 from .quantizers import quantize_weight_int
 
 PROVENANCE = "qvgen_provenance.json"
@@ -300,18 +300,11 @@ def _convert_layer(
             raise CheckpointError(f"{src}: tensor '{n}{key}': expected shape ({out_f}, 1), got {tuple(t.shape)}")
     s, z = s.reshape(out_f, 1), z.reshape(out_f, 1)
     q = quantize_weight_int(w, s, z, config.weight_bits)  # clamp(round(w/s + z)): their LSQ+ rounding
-    out = {
-        f"{n}.qweight": qvgen_kernels.pack_weight(q, config.weight_bits),
-        f"{n}.weight_scale": s.reshape(-1).contiguous(),
-        f"{n}.weight_zero": z.reshape(-1).contiguous(),
-        f"{n}.weight_qsum": q.to(torch.int32).sum(dim=1).to(torch.int32),
-    }
     bias = state.pop(n + B, None)
-    if bias is not None:
-        if bias.shape != (out_f,):
-            raise CheckpointError(f"{src}: tensor '{n}{B}': expected shape ({out_f},), got {tuple(bias.shape)}")
-        out[f"{n}.bias"] = bias.float()
+    if bias is not None and bias.shape != (out_f,):
+        raise CheckpointError(f"{src}: tensor '{n}{B}': expected shape ({out_f},), got {tuple(bias.shape)}")
     lo, hi = state.pop(n + A_LOWER, None), state.pop(n + A_UPPER, None)
+    factors = None
     if config.act_bits is not None:
         if lo is None:
             factors = torch.full((1, 2), clip_ratio)
@@ -319,8 +312,8 @@ def _convert_layer(
             factors = clip_ratio * torch.sigmoid(torch.stack([lo.float(), hi.float()], dim=1))  # (T, 2)
         if config.n_buckets == 1:
             factors = factors.mean(dim=0, keepdim=True)
-        out[f"{n}.act_clip"] = factors.float().contiguous()
-    return out
+    tensors = assemble(q, s, z, config.weight_bits, act_clip=factors, bias=bias)
+    return {f"{n}.{k}": t for k, t in tensors.items()}
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------

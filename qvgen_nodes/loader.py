@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from . import download, host
+from .backend_check import BackendError, check_backend
 from .ops import OpsSettings, make_ops, quantized_layers
-from .schema import BACKENDS, NO_LOCAL
+from .schema import NO_LOCAL
 
 log = logging.getLogger("qvgen")
 
@@ -182,17 +183,14 @@ class Loaded:
 def load_model(path: Path, *, backend: str = "auto", compute_dtype: str = "default") -> Loaded:
     """Build ComfyUI's Wan model with QVGen layers from a checkpoint; returns its `ModelPatcher`."""
     from qvgen.checkpoint import CheckpointError, load_checkpoint
-    from qvgen.kernels_import import qvgen_kernels
     from qvgen.timestep import TimestepState, attach_timestep_hook
 
-    if backend not in BACKENDS:
-        raise QVGenLoadError(f"backend {backend!r}: expected one of {BACKENDS}")
+    try:  # fail now, not at the first sampling step, when e.g. triton is missing
+        check_backend(backend)
+    except BackendError as e:
+        raise QVGenLoadError(str(e)) from None
     if compute_dtype not in DTYPES:
         raise QVGenLoadError(f"compute_dtype {compute_dtype!r}: expected one of {list(DTYPES)}")
-    try:  # fail now, not at the first sampling step, when e.g. triton is missing
-        qvgen_kernels.resolve_backend(backend, host.torch_device())
-    except (RuntimeError, ValueError) as e:
-        raise QVGenLoadError(f"kernel backend {backend!r}: {e}") from None
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:

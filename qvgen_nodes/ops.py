@@ -46,21 +46,10 @@ from torch import Tensor, nn
 
 from qvgen.config import QVGenConfig
 from qvgen.layers import PackedLinear
+from qvgen.packed_layer import PACKED_TENSORS, PackedLayerError
 from qvgen.timestep import TimestepState
-from qvgen.transforms import hadamard_block
 
-PACKED_KEYS = (
-    "qweight",
-    "weight_scale",
-    "weight_zero",
-    "weight_qsum",
-    "act_clip",
-    "bias",
-    "phi_down",
-    "phi_up",
-    "input_signs",
-    "smooth",
-)
+PACKED_KEYS = tuple(PACKED_TENSORS)
 LORA_MAX_RANK = 128  # a patch delta needing more components is kept dense
 LORA_REL_TOL = 1e-3  # relative Frobenius error allowed when factoring a patch delta
 
@@ -141,16 +130,24 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
     It is a plain ComfyUI linear until its state dict shows packed tensors; then it is a QVGen layer.
     """
 
-    class QVGenLinear(PackedLinear, base_linear):  # PackedLinear first: its attributes and methods win
+    class ComfyPackedLinear(PackedLinear, base_linear):  # PackedLinear first: its attributes and methods win
         qvgen_settings = settings
 
         def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, **_kwargs):
-            nn.Module.__init__(self)  # allocate nothing: the state dict brings the tensors
-            self.in_features, self.out_features = in_features, out_features
+            cfg = settings.config
+            PackedLinear.__init__(  # allocate nothing: the state dict brings the tensors
+                self,
+                in_features,
+                out_features,
+                bias,
+                weight_bits=cfg.weight_bits,
+                act_bits=cfg.act_bits,
+                n_buckets=cfg.n_buckets,
+                input_transform=cfg.input_transform,
+                hadamard_block_max=cfg.hadamard_block,
+                allocate=False,
+            )
             self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-            for key in PACKED_KEYS:
-                self.register_parameter(key, None)
             self.quantized = False
             self.compute_dtype = dtype or torch.float32
             self.timestep_state = settings.timestep_state
@@ -176,25 +173,17 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
             unexpected.extend(key for name, key in mine.items() if name not in ("weight", "bias"))
 
         def load_packed(self, tensors: dict[str, Tensor], name: str = "") -> None:
-            """Become a QVGen layer with these packed tensors (docs/format.md), taken without copies."""
-            cfg = settings.config
-            q = tensors["qweight"]
-            k = q.shape[1] * 2 if cfg.weight_bits <= 4 else q.shape[1]
-            if q.shape[0] != self.out_features or k not in (self.in_features, self.in_features + 1):
+            """Become a QVGen layer with these packed tensors (docs/format.md): the format's dtype rule
+            with ComfyUI's storage dtype as compute dtype; no copies where the dtype already fits."""
+            try:
+                self.set_tensors(tensors, dtype=self.compute_dtype, name=name)
+            except PackedLayerError as e:
                 raise LayerLoadError(
-                    f"layer '{name}': packed weight {tuple(q.shape)} ({cfg.weight_bits}-bit) does not fit a "
-                    f"{self.in_features} → {self.out_features} linear layer of the ComfyUI model"
-                )
-            self.weight_bits, self.act_bits = cfg.weight_bits, cfg.act_bits
-            self.transform = cfg.input_transform
-            self.rot_block = hadamard_block(self.in_features, cfg.hadamard_block)
-            for key in PACKED_KEYS:
-                t = tensors.get(key)
-                self.register_parameter(key, None if t is None else nn.Parameter(t, requires_grad=False))
-            if cfg.act_bits is not None and self.act_clip is None:
-                raise LayerLoadError(f"layer '{name}': act_bits={cfg.act_bits} but no act_clip tensor")
+                    f"{e} (the ComfyUI model has a {self.in_features} → {self.out_features} linear layer there)"
+                ) from None
             # The `weight` slot: an empty placeholder ComfyUI can back up, patch and restore.
-            self.weight = nn.Parameter(torch.empty(0, dtype=self.compute_dtype, device=q.device), requires_grad=False)
+            dev = self.qweight.device
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.compute_dtype, device=dev), requires_grad=False)
             self.quantized = True
             settings.layers.append(self)
 
@@ -227,7 +216,7 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
             return None
 
         # ---- forward ------------------------------------------------------------------------
-        def _on_device(self, device: torch.device) -> QVGenLinear:
+        def _on_device(self, device: torch.device) -> ComfyPackedLinear:
             """A shallow copy whose tensors live on `device` (the original is left where it is)."""
             shell = copy.copy(self)
             shell._parameters = {
@@ -272,8 +261,7 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
                 return f"in={self.in_features}, out={self.out_features}, full precision"
             return PackedLinear.extra_repr(self) + f", backend={self.backend}"
 
-    QVGenLinear.__qualname__ = QVGenLinear.__name__ = "QVGenLinear"
-    return QVGenLinear
+    return ComfyPackedLinear
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
