@@ -143,3 +143,38 @@ def test_a_file_whose_codes_exceed_its_bits_is_refused(tmp_path, monkeypatch):
         qvgen.load_checkpoint(path)
     with pytest.raises(loader.QVGenLoadError, match=pattern):
         loader.load_model(path)
+
+
+def test_cpu_path_unpacks_weights_once_and_follows_changes(monkeypatch):
+    from qvgen.kernels_import import qvgen_kernels
+
+    torch.manual_seed(0)
+    cfg = QVGenConfig(rank=0, n_buckets=1)
+    layer = PackedLinear.from_tensors(quantize_linear(torch.randn(24, 40), None, cfg), cfg, 40)
+    layer.backend = "cpu"
+    x = torch.randn(3, 40)
+    want = qvgen_kernels.quantized_linear(
+        x, layer.qweight, layer.weight_scale, layer.weight_zero, layer.weight_qsum, None,
+        in_features=40, w_bits=4, a_bits=4, clip_lo=layer.act_clip[0, 0].item(), clip_hi=layer.act_clip[0, 1].item(),
+        backend="cpu",
+    )  # fmt: skip
+    calls = []
+    unpack = qvgen_kernels.unpack_weight
+    monkeypatch.setattr(qvgen_kernels, "unpack_weight", lambda *a: calls.append(1) or unpack(*a))
+    y1, y2 = layer(x), layer(x)
+    assert len(calls) == 1 and torch.equal(y1, want) and torch.equal(y2, want)
+    assert layer.cached_codes_bytes() == 24 * 40 and "_codes" not in layer.state_dict()
+    other = quantize_linear(torch.randn(24, 40), None, cfg)
+    layer.set_tensors(other)  # a new qweight (a reload, a device move): the cache follows
+    assert not torch.equal(layer(x), y1) and len(calls) == 2
+
+
+def test_bench_comfy_reports_the_ratio(tmp_path):
+    from qvgen.bench.__main__ import main
+
+    out = tmp_path / "r.json"
+    argv = ["comfy", "--dim", "128", "--ffn", "256", "--layers", "1", "--text-dim", "64", "--frames", "1"]
+    assert main([*argv, "--size", "32", "--warmup", "0", "--repeats", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["ratio"] == r["w4a4_ms"] / r["fp32_ms"] and r["packed_mib"] < r["linear_weights_fp32_mib"]
+    assert r["cpu_code_cache_mib"] > 0  # the CPU path cached its unpacked codes
