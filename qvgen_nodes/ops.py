@@ -152,7 +152,8 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
             self.compute_dtype = dtype or torch.float32
             self.timestep_state = settings.timestep_state
             self.backend = settings.backend
-            self._lowvram_delta: tuple[Any, Tensor] | None = None
+            self._lowvram_delta: tuple[Any, Tensor, Any] | None = None
+            self._passthrough = False  # convert/set hooks hand weights through while patch functions run
 
         # ---- loading ------------------------------------------------------------------------
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -193,7 +194,7 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
             return PackedLinear.dequantize_weight(shell, torch.float32)
 
         def convert_weight(self, weight: Tensor, inplace: bool = False, **kwargs) -> Tensor:
-            if not self.quantized:
+            if not self.quantized or self._passthrough:
                 return weight
             w = self._dequantized(weight.device)
             d = decode_delta(weight, self.out_features, self.in_features)
@@ -202,7 +203,7 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
         def set_weight(
             self, weight: Tensor, inplace_update: bool = False, seed: Any = None, return_weight: bool = False, **kwargs
         ):
-            if not self.quantized:
+            if not self.quantized or self._passthrough:
                 if return_weight:
                     return weight
                 self.weight = nn.Parameter(weight.to(self.weight.dtype), requires_grad=False)
@@ -217,7 +218,9 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
 
         # ---- forward ------------------------------------------------------------------------
         def _on_device(self, device: torch.device) -> ComfyPackedLinear:
-            """A shallow copy whose tensors live on `device` (the original is left where it is)."""
+            """A shallow copy whose tensors all live on `device` (the original is left where it is):
+            `--lowvram` leaves whole layers on the offload device, and ComfyUI's dynamic VRAM loader
+            moves every tensor but `weight` and `bias`, which it expects to stream itself."""
             shell = copy.copy(self)
             shell._parameters = {
                 k: (None if v is None else v.to(device, non_blocking=True)) for k, v in self._parameters.items()
@@ -227,34 +230,48 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
         def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
             if not self.quantized:
                 return base_linear.forward(self, x, *args, **kwargs)
-            bias_fns = getattr(self, "bias_function", None) or []
-            layer = self._on_device(x.device) if (self.qweight.device != x.device or bias_fns) else self
+            bias_fns = _functions(self, "bias")
+            elsewhere = any(v is not None and v.device != x.device for v in self._parameters.values())
+            layer = self._on_device(x.device) if (elsewhere or bias_fns) else self
             if bias_fns and layer.bias is not None:
                 b = layer.bias
                 for f in bias_fns:
                     b = f(b)
                 layer._parameters["bias"] = b
             y = PackedLinear.forward(layer, x)
-            delta = self._patch_delta(layer.weight)
+            delta = self._patch_delta(layer.weight, x.device)
             if delta is not None and delta.numel():
                 y = y + apply_delta(x, delta, self.out_features)
             return y
 
-        def _patch_delta(self, delta: Tensor | None) -> Tensor | None:
-            fns = getattr(self, "weight_function", None) or []
+        def _patch_delta(self, stored: Tensor | None, device: torch.device) -> Tensor | None:
+            """The weight difference to add: the stored one, or the result of ComfyUI's per-call patch
+            functions (`--lowvram`'s `weight_function`, dynamic VRAM's `weight_lowvram_function`).
+
+            Those functions take the full weight and return the patched one (ComfyUI 0.29); older
+            releases also call this layer's convert/set hooks from inside them. Both are served by
+            handing them the dequantized weight with the hooks switched to pass-through, then
+            factoring the difference. The result is reused while the patch lists are the same objects.
+            """
+            fns = _functions(self, "weight")
             if not fns:
                 self._lowvram_delta = None  # ComfyUI dropped its per-call patches: forget their result
-            for f in fns:
-                # ComfyUI's LowVramPatch re-applies the patches on every call; factoring the result
-                # each time would be slow, so reuse it while the patch list is the same object.
-                plist = getattr(f, "patches", {}).get(getattr(f, "key", None)) if hasattr(f, "patches") else None
-                if plist is not None and self._lowvram_delta is not None and self._lowvram_delta[0] is plist:
-                    delta = self._lowvram_delta[1]
-                    continue
-                delta = f(delta)
-                if plist is not None:
-                    self._lowvram_delta = (plist, delta)
-            return delta
+                return stored
+            lists = [_patch_list(f) for f in fns]
+            key = tuple(id(pl) for pl in lists) if all(pl is not None for pl in lists) else None
+            hit = self._lowvram_delta
+            if key is not None and hit is not None and hit[0] == key and hit[2] is stored:
+                return hit[1]
+            w = self.convert_weight(stored.to(device)) if stored is not None else self._dequantized(device)
+            self._passthrough = True
+            try:
+                for f in fns:
+                    w = f(w)
+            finally:
+                self._passthrough = False
+            enc = encode_delta(w.float() - self._dequantized(w.device), settings.lora_max_rank, self.compute_dtype)
+            self._lowvram_delta = (key, enc, stored) if key is not None else None
+            return enc
 
         def extra_repr(self) -> str:
             if not self.quantized:
@@ -262,6 +279,20 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
             return PackedLinear.extra_repr(self) + f", backend={self.backend}"
 
     return ComfyPackedLinear
+
+
+def _functions(layer: nn.Module, param: str) -> list:
+    """ComfyUI's per-call functions for `weight`/`bias` of a layer: `<param>_function` (`--lowvram`,
+    weight wrappers) and, from ComfyUI 0.29's dynamic VRAM loader, `<param>_lowvram_function`."""
+    fns = list(getattr(layer, f"{param}_function", None) or [])
+    extra = getattr(layer, f"{param}_lowvram_function", None)
+    return fns + [extra] if extra is not None else fns
+
+
+def _patch_list(f: Any) -> Any:
+    """The patch list a ComfyUI `LowVramPatch` applies (its identity keys the cache), else None."""
+    patches, key = getattr(f, "patches", None), getattr(f, "key", None)
+    return patches.get(key) if isinstance(patches, dict) else None
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
