@@ -120,10 +120,17 @@ def resolve_checkpoint(name: str, dirs: list[Path] | None = None) -> Path:
 
 
 def locate(checkpoint: str, repo_id: str = "", revision: str = "", dirs: list[Path] | None = None) -> Path:
-    """The checkpoint to load: `repo_id` (downloaded if missing) when given, else the dropdown entry."""
-    if repo_id.strip():
+    """The checkpoint to load: `repo_id` when given (a Hub repo, downloaded if missing, or a local path;
+    checkpoints in the QVGen authors' layout are converted once), else the dropdown entry."""
+    rid = repo_id.strip()
+    if rid:
         dirs = host.diffusion_model_dirs() if dirs is None else dirs
         base = host.download_dir(dirs)
+        if is_local_path(rid):
+            local = Path(rid).expanduser()
+            if local.exists() and not download.is_authors_checkpoint(local):
+                return local  # a QVGen checkpoint elsewhere on disk: load it where it is
+            return download.local_authors(local, base)
         return download.fetch(repo_id, revision, base, progress_factory=host.progress_bar, also=dirs)
     if not checkpoint or checkpoint == NO_LOCAL:
         raise QVGenLoadError(
@@ -131,6 +138,11 @@ def locate(checkpoint: str, repo_id: str = "", revision: str = "", dirs: list[Pa
             "or type a Hugging Face repo id in 'repo_id'"
         )
     return resolve_checkpoint(checkpoint, dirs)
+
+
+def is_local_path(text: str) -> bool:
+    """A path rather than a Hub id (`owner/name`): absolute, `~`/`.`-relative, Windows-style, or existing."""
+    return text.startswith(("/", "~", ".", "\\")) or ":" in text or "\\" in text or Path(text).expanduser().exists()
 
 
 # ---- state dict for ComfyUI ------------------------------------------------------------------

@@ -84,9 +84,10 @@ LOADER = NodeSpec(
         Input(
             "repo_id",
             "STRING",
-            "Hugging Face repo id (owner/name) of a QVGen model. Missing files are downloaded into "
-            "models/diffusion_models/qvgen/; without network the earlier download is used. Leave empty to "
-            "use 'checkpoint'.",
+            "Hugging Face repo id (owner/name) of a QVGen model: one pushed with qvgen.hub, or the paper "
+            "authors' Harahan/QVGen-Wan-1_3B-W4A4 (converted once to the packed format). Also a local path to a "
+            "checkpoint in the authors' layout. Files go to models/diffusion_models/qvgen/; without network the "
+            "earlier download is used. Leave empty to use 'checkpoint'.",
             default="",
             optional=True,
         ),

@@ -456,3 +456,72 @@ def test_nodes_are_found_by_search_terms(term):
         words = " ".join([spec.display_name, *spec.search_aliases]).lower()
         assert term.lower() in words, (spec.node_id, term)
         assert term.lower() in spec.description.lower() or term.lower() in spec.display_name.lower()
+
+
+# ---- the authors' checkpoints ----------------------------------------------------------------
+def _authors_folder(folder: Path) -> Path:
+    from test_convert_official import authors_state, write_authors
+    from tiny_models import tiny_wan
+
+    model = tiny_wan()
+    return write_authors(folder, model, authors_state(model))
+
+
+def test_local_authors_folder_is_converted_once_and_loads(fake_host, tmp_path, monkeypatch):
+    src = _authors_folder(tmp_path / "QVGen-Wan-tiny")
+    path = loader.locate(schema.NO_LOCAL, str(src))
+    base = fake_host["dirs"][1] / "qvgen"
+    assert path.is_file() and base in path.parents and path.parent.name == "comfyui"
+    from qvgen.convert_official import convert_to_file  # noqa: F401  (replaced below: no second conversion)
+
+    monkeypatch.setattr("qvgen.convert_official.convert_to_file", lambda *a, **k: pytest.fail("converted again"))
+    assert loader.locate(schema.NO_LOCAL, str(src)) == path
+    assert os.path.relpath(path, fake_host["dirs"][1]) in loader.checkpoint_options()  # listed from now on
+    loaded = loader.load_model(path)
+    dm = loaded.patcher.model.diffusion_model
+    state = fake_host["options"]["custom_operations"].qvgen_settings.timestep_state
+    dm(torch.randn(2, dm.get_submodule(dm.names[0]).in_features), torch.tensor([437.0, 437.0]))
+    assert state.bucket == 437  # 1000 buckets: the authors' pair 437 mod 50 = 37 (their training rule)
+    with pytest.raises(download.DownloadError, match="no such file or folder"):
+        loader.locate(schema.NO_LOCAL, str(tmp_path / "typo"))
+    with pytest.raises(loader.QVGenLoadError, match="not a readable safetensors file"):
+        loader.load_model(loader.locate(schema.NO_LOCAL, str(src / "config.json")))  # neither layout
+
+
+def test_hub_authors_repo_is_downloaded_converted_and_reused_offline(fake_host, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    src = _authors_folder(tmp_path / "hub")
+    calls, bars = [], []
+
+    def fake_download(repo_id, filename, revision=None, local_dir=None, tqdm_class=None):
+        calls.append(filename)
+        target = Path(local_dir) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / Path(filename).name, target)
+        bar = tqdm_class(total=10, disable=True)
+        bar.update(10)
+        bar.close()
+        return str(target)
+
+    def factory(total):
+        bars.append(Bar(total))
+        return bars[-1]
+
+    files = ["README.md", "config.json", "diffusion_pytorch_model.safetensors", "assets/x.png"]
+    base = fake_host["dirs"][1]
+    got = download.fetch("Harahan/QVGen-Wan-1_3B-W4A4", None, base, progress_factory=factory, api=FakeApi(files),
+                         download=fake_download)  # fmt: skip
+    assert got == base / "qvgen" / "Harahan--QVGen-Wan-1_3B-W4A4" / "comfyui" / "QVGen-Wan-1_3B-W4A4.safetensors"
+    assert calls == ["config.json", "diffusion_pytorch_model.safetensors"] and bars[-1].values[-1] == (10, 10)
+    assert not (got.parent.parent / download.AUTHORS_DIR).exists()  # the download is dropped once converted
+    from qvgen import load_checkpoint
+
+    assert load_checkpoint(got).config.n_buckets == 1000
+    again = download.fetch("Harahan/QVGen-Wan-1_3B-W4A4", None, base, api=FakeApi(files), download=fake_download)
+    assert again == got and len(calls) == 2  # online again: nothing downloaded
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert download.fetch("Harahan/QVGen-Wan-1_3B-W4A4", None, base, api=FakeApi(error=AssertionError())) == got
+    assert download.authors_files(["transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"])
+    assert download.authors_files(["config.json", "README.md"]) == []
