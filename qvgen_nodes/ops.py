@@ -24,14 +24,17 @@ How ComfyUI's machinery meets a packed layer:
   they are; a layer that the checkpoint keeps in full precision loads `weight`/`bias` normally.
   Nothing is allocated at construction, so no full-precision copy of the model ever exists.
 - Devices: the packed tensors are frozen parameters, so `ModelPatcher` moves, offloads and sizes
-  them like any weight. A layer left on the offload device by `--lowvram` runs with temporary
-  copies of its tensors on the input's device (ComfyUI's "cast weights" contract).
+  them like any weight. A layer whose tensors are not all on the input's device (`--lowvram` leaves
+  whole layers on the offload device; ComfyUI 0.29's dynamic VRAM loader moves all but `weight` and
+  `bias`) runs with temporary copies on the input's device.
 - LoRA and other weight patches: `ModelPatcher` patches `<layer>.weight` through the layer's
   `convert_weight`/`set_weight` hooks (the hooks ComfyUI's scaled-fp8 ops use). `convert_weight`
   hands ComfyUI the dequantized weight; `set_weight` stores the *difference* the patches made as
   a low-rank factor pair (a dense matrix if it is not low-rank) in the layer's `weight` slot, which
   otherwise holds an empty placeholder. The forward adds `x Δᵀ` to the W4A4 product, in the
-  compute dtype. Unpatching restores the placeholder, as for any ComfyUI weight.
+  compute dtype. Unpatching restores the placeholder, as for any ComfyUI weight. Patches ComfyUI
+  applies per call (`--lowvram`'s `weight_function`, 0.29's `weight_lowvram_function`) are run on
+  the dequantized weight and their difference kept the same way, cached per patch set.
 """
 
 from __future__ import annotations
@@ -125,9 +128,9 @@ def make_ops(base_ops: type, settings: OpsSettings) -> type:
 
 
 def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
-    """`PackedLinear` that is also a ComfyUI linear op (`base_linear`, e.g. `comfy.ops.manual_cast.Linear`).
-
-    It is a plain ComfyUI linear until its state dict shows packed tensors; then it is a QVGen layer.
+    """`ComfyPackedLinear`: a `PackedLinear` that is also a ComfyUI linear op (`base_linear`, e.g.
+    `comfy.ops.manual_cast.Linear`). It is a plain ComfyUI linear until its state dict shows packed
+    tensors; then it is a QVGen layer.
     """
 
     class ComfyPackedLinear(PackedLinear, base_linear):  # PackedLinear first: its attributes and methods win

@@ -2,10 +2,12 @@
 
 A quick preview of what low-bit inference does to a model, with no QVGen checkpoint and no
 training: each linear layer's weight is quantized per output channel (asymmetric min/max, or
-QVGen's clip search), activations per token at run time, with the same packed layers and kernels
-the QVGen loader uses. The input MODEL is left untouched: the quantized layers are *object
-patches* on a clone, so ComfyUI swaps them in only while the clone samples (a full-precision
-branch of the same graph keeps the original layers), and LoRA patches still apply on top.
+QVGen's clip search), activations per token at run time with the clipping a QVGen training run
+starts from, through `qvgen.packed_layer.quantize_linear` (the same code as diffusers'
+quantize-on-load) and the same packed layers and kernels the QVGen loader uses. The input MODEL
+is left untouched: the quantized layers are *object patches* on a clone, so ComfyUI swaps them in
+only while the clone samples (a full-precision branch of the same graph keeps the original
+layers), and LoRA patches still apply on top.
 """
 
 from __future__ import annotations
