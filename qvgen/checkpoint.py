@@ -24,6 +24,7 @@ from .atomic import atomic_dir, atomic_file
 from .config import FORMAT_VERSION, ConfigError, QVGenConfig
 from .convert import current_rank
 from .layers import PackedLinear, QVGenLinear
+from .packed_layer import REQUIRED, PackedLayerError, check_codes, tensor_dtype
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
@@ -31,7 +32,6 @@ INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 META_QCONFIG = "quantization_config"
 META_MODEL_CONFIG = "model_config"
-LAYER_KEYS = ("qweight", "weight_scale", "weight_zero", "weight_qsum")
 
 
 class CheckpointError(ValueError):
@@ -258,7 +258,7 @@ def _expect(cond: bool, source: str, key: str, what: str, got: Any) -> None:
 
 
 def _validate_layer(state: dict[str, Tensor], name: str, config: QVGenConfig, source: str) -> None:
-    for k in LAYER_KEYS:
+    for k in REQUIRED:
         _expect(f"{name}.{k}" in state, source, f"{name}.{k}", "a tensor", "nothing (missing)")
     q = state[f"{name}.qweight"]
     _expect(
@@ -268,6 +268,10 @@ def _validate_layer(state: dict[str, Tensor], name: str, config: QVGenConfig, so
         "a 2-D uint8 tensor",
         f"{q.dtype} of shape {tuple(q.shape)}",
     )
+    try:
+        check_codes(q, config.weight_bits, f"{source}: tensor '{name}.qweight'")
+    except PackedLayerError as e:
+        raise CheckpointError(str(e)) from None
     n = q.shape[0]
     for k, dt in (
         ("weight_scale", torch.float32),
@@ -399,8 +403,9 @@ def load_quantized_model(
     build_packed_model(model, ckpt.config, dtype=dtype, device="meta")
     load_into(model, ckpt, str(path))
     model.to(device=device)
-    for m in model.modules():  # non-quantized float tensors follow the compute dtype
+    for m in model.modules():  # float tensors follow the compute dtype, except where the format fixes it
         for name, p in list(m.named_parameters(recurse=False)):
-            if p.is_floating_point():
-                setattr(m, name, nn.Parameter(p.data.to(dtype), requires_grad=False))
+            want = tensor_dtype(name, dtype) if isinstance(m, PackedLinear) else dtype
+            if p.is_floating_point() and p.dtype != want:
+                setattr(m, name, nn.Parameter(p.data.to(want), requires_grad=False))
     return model.eval()

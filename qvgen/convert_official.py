@@ -22,12 +22,17 @@ Layers without `<n>.wquantizer.scale` keep `<n>.weight`/`<n>.bias` and stay in f
 fixed clip ratio are not in the file: `--weight-bits`, `--act-bits`, `--clip-ratio` (defaults 4, 4,
 0.95 are the released W4A4 settings).
 
-Clipping pairs and timesteps: their training picks pair `int(t) % T`, their inference (`--fix`)
-counts down one pair per transformer call from T-1. QVGen picks by timestep value,
-bucket = floor(t / 1000 · T). `--clip-buckets identity` (default) keeps pair b in bucket b, which
-is exactly their inference for T sampling steps with evenly spaced timesteps and one call per
-step (CogVideoX-2B with 50 DDIM steps). `--clip-buckets mean` averages the pairs into one bucket,
-the same at every timestep and for any scheduler.
+Clipping pairs and timesteps: their training picks pair `int(t) % T` at timestep t (T =
+`clip_group_num`, 50); their inference (`--fix`) counts down one pair per transformer call from
+T-1, which matches training only for T evenly spaced sampling steps and one call per step. QVGen
+picks a bucket by timestep value, bucket = floor(t · n_buckets / 1000). `--clip-buckets`:
+
+- `mod` (default): 1000 buckets, bucket t holding pair `t mod T`: exactly their training rule, under
+  any sampler, step count and CFG (Wan's two calls per step under CFG read the same pair);
+- `identity`: T buckets, pair b in bucket b (timesteps [20b, 20b + 20) for T = 50): their inference
+  countdown for T evenly spaced steps with one call per step (CogVideoX-2B with 50 DDIM steps);
+  with Wan's uneven flow-matching timesteps it matches the trained pair at few steps;
+- `mean`: one bucket, the average of the T pairs: the same factors at every timestep.
 """
 
 from __future__ import annotations
@@ -41,11 +46,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
+    META_MODEL_CONFIG,
+    META_QCONFIG,
     Checkpoint,
     CheckpointError,
     load_checkpoint,
@@ -56,7 +64,7 @@ from .checkpoint import (
 from .config import ConfigError, QVGenConfig
 from .convert import build_packed_model
 from .hub_errors import reaching
-from .kernels_import import qvgen_kernels
+from .packed_layer import assemble
 from .quantizers import quantize_weight_int
 
 PROVENANCE = "qvgen_provenance.json"
@@ -73,6 +81,7 @@ SOURCE_PATTERNS = [
     "transformer/diffusion_pytorch_model*.safetensors",
     "transformer/diffusion_pytorch_model.safetensors.index.json",
 ]
+NUM_TRAIN_TIMESTEPS = 1000  # Wan and CogVideoX train on integer timesteps 0..999
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -166,6 +175,71 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 # ---- conversion ----------------------------------------------------------------------------------------
+CLIP_BUCKETS = ("mod", "identity", "mean")
+
+
+def convert_state_dict(
+    state: dict[str, Tensor],
+    src: str,
+    *,
+    linears: set[str] | None = None,
+    weight_bits: int = 4,
+    act_bits: int | None = 4,
+    clip_ratio: float = 0.95,
+    clip_buckets: str = "mod",
+    result: ConversionResult | None = None,
+) -> tuple[dict[str, Tensor], QVGenConfig]:
+    """The packed tensors (diffusers names) and config of an authors' state dict; needs no diffusers.
+
+    `linears`: the model's linear layers (from its skeleton); without it, every module with a 2-D
+    `weight` counts as one (true of Wan and CogVideoX, which have no embedding tables).
+    `state` is consumed: the tensors of quantized layers are popped from it.
+    """
+    if clip_buckets not in CLIP_BUCKETS:
+        raise ValueError(f"clip_buckets: expected one of {list(CLIP_BUCKETS)}, got {clip_buckets!r}")
+    result = result if result is not None else ConversionResult(Path(src), QVGenConfig())
+    layers = sorted(k[: -len(W_SCALE)] for k in state if k.endswith(W_SCALE))
+    if not layers:
+        raise CheckpointError(
+            f"{src}: no '<layer>{W_SCALE}' tensors, so not a QVGen fake-quantization checkpoint "
+            "(for a QVGen packed checkpoint, load it directly)"
+        )
+    if linears is None:
+        quantized = set(layers)
+        linears = {k[: -len(".weight")] for k, t in state.items() if k.endswith(".weight") and t.dim() == 2}
+        linears = {n for n in linears if n.rpartition(".")[0] not in quantized} | quantized  # not loraA/B
+    n_pairs = _clip_pairs(state, layers, src)
+    if clip_buckets == "mean" or n_pairs == 0 or act_bits is None:
+        n_buckets = 1
+    else:
+        n_buckets = NUM_TRAIN_TIMESTEPS if clip_buckets == "mod" else n_pairs
+    full_precision = sorted(linears - set(layers))
+    try:
+        config = QVGenConfig(
+            weight_bits=weight_bits,
+            act_bits=act_bits,
+            rank=0,
+            current_rank=0,
+            n_buckets=n_buckets,
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+            act_fixed_clip=clip_ratio,
+            act_clip_init=clip_ratio,
+            modules_to_not_convert=full_precision,
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"settings: {e}") from None
+    result.config, result.quantized, result.full_precision = config, layers, full_precision
+    packed: dict[str, Tensor] = {}
+    for n in layers:
+        packed.update(_convert_layer(state, n, config, clip_ratio, clip_buckets, src, result))
+    for k in list(state):
+        if k.endswith(IGNORED) or ".wquantizer." in k or ".aquantizer." in k:
+            result.ignored.append(k)
+            del state[k]
+    packed.update(state)  # everything else keeps its diffusers name
+    return packed, config
+
+
 def convert_official(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -176,12 +250,12 @@ def convert_official(
     weight_bits: int = 4,
     act_bits: int | None = 4,
     clip_ratio: float = 0.95,
-    clip_buckets: str = "identity",
+    clip_buckets: str = "mod",
     dtype: torch.dtype | None = torch.bfloat16,
 ) -> ConversionResult:
     """Convert an authors' checkpoint to a QVGen checkpoint at `output` (folder, or `.safetensors` file)."""
-    if clip_buckets not in ("identity", "mean"):
-        raise ValueError(f"clip_buckets: expected 'identity' or 'mean', got {clip_buckets!r}")
+    if clip_buckets not in CLIP_BUCKETS:
+        raise ValueError(f"clip_buckets: expected one of {list(CLIP_BUCKETS)}, got {clip_buckets!r}")
     files, cfg_file, label = resolve_source(source, revision)
     refuse_overwriting(files, Path(output))
     state: dict[str, Tensor] = {}
@@ -197,46 +271,23 @@ def convert_official(
         model_config = base_model_config(base_model, base_revision)
     model = _skeleton(model_config, src_name)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-
-    layers = sorted(k[: -len(W_SCALE)] for k in state if k.endswith(W_SCALE))
-    if not layers:
-        raise CheckpointError(
-            f"{src_name}: no '<layer>{W_SCALE}' tensors, so not a QVGen fake-quantization checkpoint "
-            "(for a QVGen packed checkpoint, load it directly)"
-        )
-    for n in layers:
+    for n in sorted(k[: -len(W_SCALE)] for k in state if k.endswith(W_SCALE)):
         if n not in linears:
             raise CheckpointError(
                 f"{src_name}: '{n}{W_SCALE}' belongs to no linear layer of {model_config['_class_name']} "
                 "(wrong --base-model?)"
             )
-    n_pairs = _clip_pairs(state, layers, src_name)
-    n_buckets = 1 if clip_buckets == "mean" or n_pairs == 0 or act_bits is None else n_pairs
-    full_precision = sorted(linears - set(layers))
-    try:
-        config = QVGenConfig(
-            weight_bits=weight_bits,
-            act_bits=act_bits,
-            rank=0,
-            current_rank=0,
-            n_buckets=n_buckets,
-            act_fixed_clip=clip_ratio,
-            act_clip_init=clip_ratio,
-            modules_to_not_convert=full_precision,
-        )
-    except ConfigError as e:
-        raise CheckpointError(f"settings: {e}") from None
-
-    result = ConversionResult(Path(output), config, quantized=layers, full_precision=full_precision)
-    packed: dict[str, Tensor] = {}
-    for n in layers:
-        packed.update(_convert_layer(state, n, config, clip_ratio, src_name, result))
-    for k in list(state):
-        if k.endswith(IGNORED) or ".wquantizer." in k or ".aquantizer." in k:
-            result.ignored.append(k)
-            del state[k]
-    packed.update(state)  # everything else keeps its diffusers name
-
+    result = ConversionResult(Path(output), QVGenConfig())
+    packed, config = convert_state_dict(
+        state,
+        src_name,
+        linears=linears,
+        weight_bits=weight_bits,
+        act_bits=act_bits,
+        clip_ratio=clip_ratio,
+        clip_buckets=clip_buckets,
+        result=result,
+    )
     build_packed_model(model, config, dtype=torch.float32, device="meta")
     load_into(model, Checkpoint(config, model_config, packed), src_name)
     cfg = {k: v for k, v in model_config.items() if k != "quantization_config"}
@@ -252,6 +303,44 @@ def convert_official(
             "clip_ratio": clip_ratio,
         }
         (out / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return result
+
+
+def convert_to_file(
+    source: str | os.PathLike, output: Path, *, clip_buckets: str = "mod", dtype: torch.dtype = torch.bfloat16
+) -> ConversionResult:
+    """An authors' folder or file (with its config.json) as one QVGen `.safetensors` file, without
+    diffusers (what the ComfyUI loader runs): the same tensors as `convert_official`, written
+    atomically and read back through `load_checkpoint`."""
+    files, cfg_file, _ = resolve_source(source)
+    if cfg_file is None:
+        raise CheckpointError(f"{source}: no config.json next to the weights (the model's diffusers config)")
+    model_config = _json(cfg_file)
+    if "quantization_config" in model_config:
+        raise CheckpointError(f"{cfg_file}: already has a quantization_config; this is not an authors' checkpoint")
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update(read_safetensors(f)[0])
+    src_name = str(files[0] if len(files) == 1 else files[0].parent)
+    result = ConversionResult(output, QVGenConfig())
+    packed, config = convert_state_dict(state, src_name, clip_buckets=clip_buckets, result=result)
+    quantized = set(result.quantized)
+    for k, t in packed.items():
+        if t.is_floating_point() and k.rpartition(".")[0] not in quantized:
+            packed[k] = t.to(dtype).contiguous()
+    meta = {
+        META_QCONFIG: config.to_json(),
+        META_MODEL_CONFIG: json.dumps(model_config),
+        "format": "pt",
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    try:
+        save_file(packed, str(tmp), metadata=meta)
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    load_checkpoint(output)
     return result
 
 
@@ -294,7 +383,13 @@ def _need(state: dict[str, Tensor], key: str, src: str, what: str) -> Tensor:
 
 @torch.no_grad()
 def _convert_layer(
-    state: dict[str, Tensor], n: str, config: QVGenConfig, clip_ratio: float, src: str, result: ConversionResult
+    state: dict[str, Tensor],
+    n: str,
+    config: QVGenConfig,
+    clip_ratio: float,
+    clip_buckets: str,
+    src: str,
+    result: ConversionResult,
 ) -> dict[str, Tensor]:
     w = _need(state, n + W, src, "the latent weight (out, in)").float()
     if w.dim() != 2:
@@ -313,18 +408,11 @@ def _convert_layer(
             raise CheckpointError(f"{src}: tensor '{n}{key}': expected shape ({out_f}, 1), got {tuple(t.shape)}")
     s, z = s.reshape(out_f, 1), z.reshape(out_f, 1)
     q = quantize_weight_int(w, s, z, config.weight_bits)  # clamp(round(w/s + z)): their LSQ+ rounding
-    out = {
-        f"{n}.qweight": qvgen_kernels.pack_weight(q, config.weight_bits),
-        f"{n}.weight_scale": s.reshape(-1).contiguous(),
-        f"{n}.weight_zero": z.reshape(-1).contiguous(),
-        f"{n}.weight_qsum": q.to(torch.int32).sum(dim=1).to(torch.int32),
-    }
     bias = state.pop(n + B, None)
-    if bias is not None:
-        if bias.shape != (out_f,):
-            raise CheckpointError(f"{src}: tensor '{n}{B}': expected shape ({out_f},), got {tuple(bias.shape)}")
-        out[f"{n}.bias"] = bias.float()
+    if bias is not None and bias.shape != (out_f,):
+        raise CheckpointError(f"{src}: tensor '{n}{B}': expected shape ({out_f},), got {tuple(bias.shape)}")
     lo, hi = state.pop(n + A_LOWER, None), state.pop(n + A_UPPER, None)
+    factors = None
     if config.act_bits is not None:
         if lo is None:
             factors = torch.full((1, 2), clip_ratio)
@@ -332,8 +420,10 @@ def _convert_layer(
             factors = clip_ratio * torch.sigmoid(torch.stack([lo.float(), hi.float()], dim=1))  # (T, 2)
         if config.n_buckets == 1:
             factors = factors.mean(dim=0, keepdim=True)
-        out[f"{n}.act_clip"] = factors.float().contiguous()
-    return out
+        elif clip_buckets == "mod":  # one bucket per training timestep t, holding pair t mod T
+            factors = factors[torch.arange(config.n_buckets) % factors.shape[0]]
+    tensors = assemble(q, s, z, config.weight_bits, act_clip=factors, bias=bias)
+    return {f"{n}.{k}": t for k, t in tensors.items()}
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
@@ -351,7 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-bits", type=int, default=4)
     p.add_argument("--act-bits", type=int, default=4, help="0: weights only")
     p.add_argument("--clip-ratio", type=float, default=0.95, help="their fixed activation clip ratio")
-    p.add_argument("--clip-buckets", choices=["identity", "mean"], default="identity")
+    p.add_argument(
+        "--clip-buckets",
+        choices=list(CLIP_BUCKETS),
+        default="mod",
+        help="mod: pair t mod T at timestep t, as the authors trained (any sampler); identity: pair b for the b-th "
+        "of T equal timestep ranges (their inference countdown for T evenly spaced steps); mean: one averaged pair",
+    )
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the full-precision tensors")
     return p
 

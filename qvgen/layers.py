@@ -8,7 +8,6 @@ checkpoint: packed integer weights, integer GEMM through `qvgen_kernels`, Φ onl
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 from . import convrot
 from .config import QVGenConfig
 from .kernels_import import qvgen_kernels
+from .packed_layer import PACKED_TENSORS, PackedLayerError, assemble, check_tensors, empty_tensors, tensor_dtype
 from .quantizers import SCALE_MIN, ActQuantizer, WeightQuantizer, select_clip
 from .timestep import TimestepState
 from .transforms import hadamard_block, random_signs, rotate, smoothing_scales, unrotate, uses_rotation, uses_smoothing
@@ -250,26 +250,19 @@ class QVGenLinear(nn.Module):
         if self.convrot_group:
             return self.convrot_tensors()
         wq = self.weight_quantizer
-        q = wq.int_codes(self.effective_weight())
-        out: dict[str, Tensor] = {
-            "qweight": qvgen_kernels.pack_weight(q, wq.bits),
-            "weight_scale": wq.scale.detach().float().clamp(min=SCALE_MIN).reshape(-1).clone(),
-            "weight_zero": wq.zero.detach().float().reshape(-1).clone(),
-            "weight_qsum": q.to(torch.int32).sum(dim=1).to(torch.int32),
-        }
-        if self.act_quantizer is not None:
-            out["act_clip"] = self.act_quantizer.clip_factors().detach().float().clone()
-        if self.bias is not None:
-            out["bias"] = self.bias.detach().float().clone()
-        if self.input_signs is not None:
-            out["input_signs"] = self.input_signs.detach().to(torch.int8).clone()
-        if self.smooth_log is not None:
-            out["smooth"] = self.smooth_log.detach().exp().float().clone()
         r = self.rank
-        if r > 0:
-            out["phi_down"] = self.phi_down[:r].detach().float().clone()
-            out["phi_up"] = (self.phi_up[:, :r] * self.phi_mask[:r]).detach().float().clone()
-        return out
+        return assemble(
+            wq.int_codes(self.effective_weight()),
+            wq.scale.detach().float().clamp(min=SCALE_MIN),
+            wq.zero.detach(),
+            wq.bits,
+            act_clip=None if self.act_quantizer is None else self.act_quantizer.clip_factors(),
+            bias=self.bias,
+            input_signs=self.input_signs,
+            smooth=None if self.smooth_log is None else self.smooth_log.detach().exp(),
+            phi_down=self.phi_down[:r] if r > 0 else None,
+            phi_up=(self.phi_up[:, :r] * self.phi_mask[:r]) if r > 0 else None,
+        )
 
     @torch.no_grad()
     def convrot_tensors(self) -> dict[str, Tensor]:
@@ -348,7 +341,13 @@ class ConvRotLinear(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """Inference form: packed integer weights; runs the integer arithmetic via `qvgen_kernels`."""
+    """Inference form: packed integer weights; runs the integer arithmetic via `qvgen_kernels`.
+
+    Its tensors are those of `qvgen.packed_layer.PACKED_TENSORS`, frozen parameters rather than
+    buffers (diffusers and ComfyUI look at parameters for device placement, offload and a module's
+    dtype). `set_tensors` is the one place they are put in; `allocate=False` builds an empty layer
+    for it.
+    """
 
     def __init__(
         self,
@@ -363,45 +362,86 @@ class PackedLinear(nn.Module):
         device: torch.device | str | None = None,
         input_transform: str = "none",
         hadamard_block_max: int = 256,
+        *,
+        allocate: bool = True,
     ) -> None:
-        super().__init__()
+        # nn.Module's own __init__, not super(): as a ComfyUI op (qvgen_nodes/ops.py) the next base
+        # class is an nn.Linear, whose __init__ would allocate a full-precision weight.
+        nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
         self.weight_bits, self.act_bits = weight_bits, act_bits
         self.transform = input_transform
         self.rot_block = hadamard_block(in_features, hadamard_block_max)
-        packed_k = math.ceil(in_features / 2) if weight_bits <= 4 else in_features
-        # Frozen parameters rather than buffers: diffusers and ComfyUI look at parameters for
-        # device placement, offload and a module's dtype. `weight_scale` comes first so that
-        # `next(module.parameters()).dtype` is a float dtype, never uint8.
-        kw = {"device": device}
-        self._frozen("weight_scale", torch.ones(out_features, dtype=torch.float32, **kw))
-        self._frozen("qweight", torch.zeros(out_features, packed_k, dtype=torch.uint8, **kw))
-        self._frozen("weight_zero", torch.zeros(out_features, dtype=torch.float32, **kw))
-        self._frozen("weight_qsum", torch.zeros(out_features, dtype=torch.int32, **kw))
-        self._frozen("act_clip", torch.ones(n_buckets, 2, **kw) if act_bits is not None else None)
-        self._frozen("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
-        self._frozen("phi_down", torch.zeros(rank, in_features, dtype=dtype, **kw) if rank else None)
-        self._frozen("phi_up", torch.zeros(out_features, rank, dtype=dtype, **kw) if rank else None)
-        rot, smooth = uses_rotation(input_transform), uses_smoothing(input_transform)
-        self._frozen("input_signs", torch.ones(in_features, dtype=torch.int8, **kw) if rot else None)
-        self._frozen("smooth", torch.ones(in_features, dtype=torch.float32, **kw) if smooth else None)
         self.timestep_state: TimestepState | None = None
         self.backend = "auto"
+        for key in PACKED_TENSORS:
+            self.register_parameter(key, None)
+        if allocate:
+            shells = empty_tensors(
+                in_features,
+                out_features,
+                bias=bias,
+                weight_bits=weight_bits,
+                act_bits=act_bits,
+                n_buckets=n_buckets,
+                rank=rank,
+                input_transform=input_transform,
+                dtype=dtype,
+                device=device,
+            )
+            self.set_tensors(shells)
 
-    def _frozen(self, name: str, t: Tensor | None) -> None:
-        self.register_parameter(name, None if t is None else nn.Parameter(t, requires_grad=False))
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: dict[str, Tensor],
+        config: QVGenConfig,
+        in_features: int,
+        *,
+        dtype: torch.dtype | None = None,
+        name: str = "",
+    ) -> PackedLinear:
+        """A layer holding `tensors` (see `set_tensors`) with the settings of `config`."""
+        q = tensors.get("qweight")
+        if q is None:
+            raise PackedLayerError(f"{name or 'layer'}: tensor 'qweight' missing")
+        layer = cls(
+            in_features,
+            q.shape[0],
+            tensors.get("bias") is not None,
+            weight_bits=config.weight_bits,
+            act_bits=config.act_bits,
+            input_transform=config.input_transform,
+            hadamard_block_max=config.hadamard_block,
+            allocate=False,
+        )
+        layer.set_tensors(tensors, dtype=dtype, name=name)
+        return layer
+
+    def set_tensors(self, tensors: dict[str, Tensor], *, dtype: torch.dtype | None = None, name: str = "") -> None:
+        """Check and take a layer's packed tensors, without a copy where the dtype already fits.
+
+        `dtype`: the compute dtype, which bias and Φ are cast to (None keeps them as given); the
+        other tensors must already have the dtype the format fixes (scales stay float32).
+        """
+        check_tensors(
+            tensors,
+            self.in_features,
+            self.out_features,
+            weight_bits=self.weight_bits,
+            act_bits=self.act_bits,
+            input_transform=self.transform,
+            where=f"layer '{name}'" if name else "layer",
+        )
+        for key in PACKED_TENSORS:
+            t = tensors.get(key)
+            if t is not None and dtype is not None:
+                t = t.to(tensor_dtype(key, dtype))
+            self.register_parameter(key, None if t is None else nn.Parameter(t, requires_grad=False))
 
     @property
     def rank(self) -> int:
         return 0 if self.phi_down is None else self.phi_down.shape[0]
-
-    def transform_input(self, x: Tensor) -> Tensor:
-        """Rotation and smoothing of the input, as in training (the weight has them folded in)."""
-        if self.input_signs is not None:
-            x = rotate(x, self.input_signs, self.rot_block)
-        if self.smooth is not None:
-            x = x / self.smooth.to(x.dtype)
-        return x
 
     def forward(self, x: Tensor) -> Tensor:
         # the input transform (rotation, smoothing) runs inside the kernels' activation quantization
@@ -411,9 +451,10 @@ class PackedLinear(nn.Module):
             lo, hi = select_clip(self.act_clip.float(), _bucket(self.timestep_state), x)
             lo, hi = lo.squeeze(-1), hi.squeeze(-1)
         bias = self.bias
+        backend = qvgen_kernels.resolve_backend(self.backend, x.device)
         return qvgen_kernels.quantized_linear(
             x,
-            self.qweight,
+            self._weight_codes(backend),
             self.weight_scale.float(),
             self.weight_zero.float(),
             self.weight_qsum,
@@ -429,8 +470,30 @@ class PackedLinear(nn.Module):
             input_signs=self.input_signs,
             rot_block=self.rot_block if self.input_signs is not None else 0,
             smooth=self.smooth,
-            backend=self.backend,
+            backend=backend,
         )
+
+    def _weight_codes(self, backend: str) -> Tensor:
+        """`qweight`, or on the CPU path its codes unpacked to one byte each, kept between calls.
+
+        Unpacking 4-bit weights on every call dominated a CPU forward; the cache costs one byte per
+        weight (twice the packed size) per layer, is not a parameter (never saved or moved) and is
+        rebuilt when `qweight` is replaced or changed. GPU paths unpack in registers: no cache.
+        """
+        q = self.qweight
+        if backend != "cpu" or q.device.type != "cpu" or self.weight_bits > 4 or q.shape[1] == self.in_features:
+            return q
+        key = (q.data_ptr(), q._version, q.shape)
+        cache = self.__dict__.get("_codes")
+        if cache is None or cache[0] != key:
+            cache = (key, qvgen_kernels.unpack_weight(q, self.weight_bits, self.in_features))
+            self.__dict__["_codes"] = cache
+        return cache[1]
+
+    def cached_codes_bytes(self) -> int:
+        """Memory held by the CPU path's unpacked weight codes (0 when none are cached)."""
+        cache = self.__dict__.get("_codes")
+        return 0 if cache is None else cache[1].numel()
 
     @torch.no_grad()
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -50,19 +50,31 @@ def init_weight_qparams(w: Tensor, bits: int, norm: float = CLIP_SEARCH_NORM) ->
     All ratios are tried at once on blocks of rows (≤ 2^24 elements per block), so large layers
     stay within memory and small ones are not dominated by per-call overhead.
     """
+    return _search(w, bits, norm, CLIP_RATIOS)
+
+
+def minmax_weight_qparams(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Plain per-row min/max `s`, `z` (round-to-nearest without clipping): the clip search's ratio 1.00."""
+    return _search(w, bits, CLIP_SEARCH_NORM, (1.0,))
+
+
+def _search(w: Tensor, bits: int, norm: float, ratios: tuple[float, ...]) -> tuple[Tensor, Tensor]:
     w = w.detach().float()
-    rows = max(1, (1 << 24) // (w.shape[1] * len(CLIP_RATIOS)))
-    scales, zeros = zip(*(_search_rows(w[i : i + rows], bits, norm) for i in range(0, w.shape[0], rows)), strict=True)
+    rows = max(1, (1 << 24) // (w.shape[1] * len(ratios)))
+    parts = [_search_rows(w[i : i + rows], bits, norm, ratios) for i in range(0, w.shape[0], rows)]
+    scales, zeros = zip(*parts, strict=True)
     return torch.cat(scales), torch.cat(zeros)
 
 
-def _search_rows(w: Tensor, bits: int, norm: float) -> tuple[Tensor, Tensor]:
+def _search_rows(w: Tensor, bits: int, norm: float, ratio_list: tuple[float, ...]) -> tuple[Tensor, Tensor]:
     qmax = 2**bits - 1
-    ratios = torch.tensor(CLIP_RATIOS, device=w.device).view(-1, 1, 1)
+    ratios = torch.tensor(ratio_list, device=w.device).view(-1, 1, 1)
     lo = w.amin(dim=1, keepdim=True) * ratios  # (R, rows, 1)
     hi = w.amax(dim=1, keepdim=True) * ratios
     s = exact_div(hi - lo, qmax).clamp(min=SCALE_MIN)
     z = -lo / s
+    if len(ratio_list) == 1:
+        return s[0], z[0]
     err = (fake_quant_weight(w, s, z, bits) - w).abs().pow(norm).sum(dim=2)  # (R, rows)
     best = err.argmin(dim=0)  # first (largest) ratio on ties, as a sequential search would keep
     idx = torch.arange(w.shape[0], device=w.device)

@@ -9,6 +9,7 @@ any scheduler and step count pick the clipping factors the layer was trained wit
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,14 +33,19 @@ class TimestepState:
 
 
 def timestep_to_bucket(t: Tensor | float | int | None, n_buckets: int, num_train_timesteps: int) -> Tensor | int:
-    """Bucket index of timestep(s) `t` in [0, num_train_timesteps]; None → bucket 0."""
+    """Bucket index of timestep(s) `t` in [0, num_train_timesteps]; None → bucket 0.
+
+    Multiplied before divided: for integer timesteps `t · n` is exact, so with one bucket per
+    training timestep (n_buckets = num_train_timesteps, the authors' `t mod 50` tables) the bucket
+    is exactly `floor(t)`, never one below it.
+    """
     if t is None or n_buckets == 1:
         return 0
     if isinstance(t, Tensor):
-        b = torch.floor(t.detach().float().reshape(-1) / num_train_timesteps * n_buckets).long()
+        b = torch.floor(t.detach().float().reshape(-1) * n_buckets / num_train_timesteps).long()
         b = b.clamp(0, n_buckets - 1)
         return b if b.numel() > 1 else int(b.item()) if b.numel() == 1 else 0
-    return min(max(int(float(t) / num_train_timesteps * n_buckets), 0), n_buckets - 1)
+    return min(max(math.floor(float(t) * n_buckets / num_train_timesteps), 0), n_buckets - 1)
 
 
 def _extract_timestep(args: tuple, kwargs: dict[str, Any], arg_index: int) -> Any:

@@ -5,15 +5,23 @@ A repo made by `python -m qvgen.hub push` holds the checkpoint twice: `comfyui/<
 back to the folder. Files land under `<diffusion_models>/qvgen/<owner>--<name>[@<revision>]/`
 with the repo's own layout, so they also show up in the loader's checkpoint list. With no network
 (or `HF_HUB_OFFLINE=1`) whatever was downloaded before is used.
+
+A repo of the QVGen authors (`Harahan/QVGen-Wan-1_3B-W4A4`: their fake-quantization layout,
+`qvgen/convert_official.py`) is downloaded the same way, converted once into
+`comfyui/<name>.safetensors` in that folder (the download is then removed) and reused from there,
+offline too. A local folder or file in the authors' layout is converted once into
+`<diffusion_models>/qvgen/local--<name>-<hash>/` the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +31,7 @@ log = logging.getLogger("qvgen")
 SUBDIR = "qvgen"
 SINGLE_DIR = "comfyui"
 FOLDER_DIR = "transformer"
+AUTHORS_DIR = "authors"  # an authors' checkpoint while it is being converted
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
@@ -141,6 +150,9 @@ def fetch(
             files = None
     if files is not None:
         wanted = pick_files(files)
+        source = [] if wanted else authors_files(files)
+        if source:
+            return _fetch_authors(repo_id, revision, source, target, progress_factory, download)
         if not wanted:
             raise DownloadError(
                 f"{repo_id}: no QVGen checkpoint in this repo (expected {SINGLE_DIR}/*.safetensors or "
@@ -170,6 +182,97 @@ def fetch(
         )
     log.info("QVGen: %s; using the copy in %s", reason, found)
     return found
+
+
+def authors_files(files: list[str]) -> list[str]:
+    """The files of a QVGen authors' checkpoint in a repo listing (at the root or in `transformer/`):
+    `config.json` and `diffusion_pytorch_model*` weights (+ index); [] when there is none."""
+    for prefix in ("", FOLDER_DIR + "/"):
+        here = [f[len(prefix) :] for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :]]
+        weights = [f for f in here if f.startswith("diffusion_pytorch_model") and f.endswith((".safetensors", ".json"))]
+        if "config.json" in here and any(f.endswith(".safetensors") for f in weights):
+            return [prefix + f for f in ["config.json", *sorted(weights)]]
+    return []
+
+
+def _fetch_authors(
+    repo_id: str,
+    revision: str | None,
+    source: list[str],
+    target: Path,
+    progress_factory: Callable[[int], Any] | None,
+    download: Callable[..., str] | None,
+) -> Path:
+    """Download an authors' checkpoint and convert it once; later calls reuse the converted file."""
+    found = checkpoint_in(target)
+    if found is not None:
+        log.info("QVGen: using %s, converted earlier from %s", found, repo_id)
+        return found
+    if download is None:
+        from huggingface_hub import hf_hub_download as download
+    staging = target / AUTHORS_DIR
+    kwargs: dict[str, Any] = {"revision": revision, "local_dir": str(staging)}
+    if progress_factory is not None and _supports_tqdm_class(download):
+        kwargs["tqdm_class"] = make_tqdm_class(progress_factory)
+    for f in source:
+        log.info("QVGen: fetching %s/%s (the authors' layout) into %s", repo_id, f, staging)
+        download(repo_id, f, **kwargs)
+    out = convert_authors(
+        staging / Path(source[0]).parent, target / SINGLE_DIR / f"{repo_id.split('/')[1]}.safetensors"
+    )
+    shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def convert_authors(source: Path, output: Path) -> Path:
+    """Convert an authors' checkpoint (folder or file with its config.json) into one QVGen file."""
+    from qvgen.checkpoint import CheckpointError
+    from qvgen.convert_official import convert_to_file
+
+    log.info("QVGen: converting the authors' checkpoint %s into %s (once)", source, output)
+    try:
+        convert_to_file(source, output)
+    except (CheckpointError, ValueError) as e:
+        raise DownloadError(f"{source}: cannot convert this authors' checkpoint: {e}") from None
+    return output
+
+
+def is_authors_checkpoint(path: Path) -> bool:
+    """Whether a local file or folder holds an authors' fake-quantization checkpoint (header read only)."""
+    from qvgen.convert_official import resolve_source
+
+    try:
+        files, _, _ = resolve_source(path)
+        from safetensors import safe_open
+
+        with safe_open(str(files[0]), framework="pt") as f:
+            return any(k.endswith(".wquantizer.scale") for k in f.keys())
+    except Exception:
+        return False
+
+
+def local_authors(path: Path, base: Path) -> Path:
+    """A local authors' checkpoint, converted once into `<base>/qvgen/local--<name>-<hash>/` (again
+    when the source file changes)."""
+    path = path.expanduser().resolve()
+    if not path.exists():
+        raise DownloadError(f"{path}: no such file or folder")
+    if not is_authors_checkpoint(path):
+        raise DownloadError(
+            f"{path}: not a checkpoint in the QVGen authors' layout (no '<layer>.wquantizer.scale' tensors in "
+            "diffusion_pytorch_model*.safetensors); put QVGen checkpoints in models/diffusion_models instead"
+        )
+    from qvgen.convert_official import resolve_source
+
+    files, _, _ = resolve_source(path)
+    stamp = max(f.stat().st_mtime for f in files)
+    tag = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    name = re.sub(r"[^\w.-]", "_", path.stem if path.is_file() else path.name) or "model"
+    out = base / SUBDIR / f"local--{name}-{tag}" / SINGLE_DIR / f"{name}.safetensors"
+    if out.is_file() and out.stat().st_mtime >= stamp:
+        log.info("QVGen: using %s, converted earlier from %s", out, path)
+        return out
+    return convert_authors(path, out)
 
 
 def _is_not_found(e: Exception) -> bool:

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from . import download, host
+from .backend_check import BackendError, check_backend
 from .ops import OpsSettings, make_ops, quantized_layers
-from .schema import BACKENDS, NO_LOCAL
+from .schema import NO_LOCAL
 
 log = logging.getLogger("qvgen")
 
@@ -119,10 +120,17 @@ def resolve_checkpoint(name: str, dirs: list[Path] | None = None) -> Path:
 
 
 def locate(checkpoint: str, repo_id: str = "", revision: str = "", dirs: list[Path] | None = None) -> Path:
-    """The checkpoint to load: `repo_id` (downloaded if missing) when given, else the dropdown entry."""
-    if repo_id.strip():
+    """The checkpoint to load: `repo_id` when given (a Hub repo, downloaded if missing, or a local path;
+    checkpoints in the QVGen authors' layout are converted once), else the dropdown entry."""
+    rid = repo_id.strip()
+    if rid:
         dirs = host.diffusion_model_dirs() if dirs is None else dirs
         base = host.download_dir(dirs)
+        if is_local_path(rid):
+            local = Path(rid).expanduser()
+            if local.exists() and not download.is_authors_checkpoint(local):
+                return local  # a QVGen checkpoint elsewhere on disk: load it where it is
+            return download.local_authors(local, base)
         return download.fetch(repo_id, revision, base, progress_factory=host.progress_bar, also=dirs)
     if not checkpoint or checkpoint == NO_LOCAL:
         raise QVGenLoadError(
@@ -130,6 +138,11 @@ def locate(checkpoint: str, repo_id: str = "", revision: str = "", dirs: list[Pa
             "or type a Hugging Face repo id in 'repo_id'"
         )
     return resolve_checkpoint(checkpoint, dirs)
+
+
+def is_local_path(text: str) -> bool:
+    """A path rather than a Hub id (`owner/name`): absolute, `~`/`.`-relative, Windows-style, or existing."""
+    return text.startswith(("/", "~", ".", "\\")) or ":" in text or "\\" in text or Path(text).expanduser().exists()
 
 
 # ---- state dict for ComfyUI ------------------------------------------------------------------
@@ -182,17 +195,14 @@ class Loaded:
 def load_model(path: Path, *, backend: str = "auto", compute_dtype: str = "default") -> Loaded:
     """Build ComfyUI's Wan model with QVGen layers from a checkpoint; returns its `ModelPatcher`."""
     from qvgen.checkpoint import CheckpointError, load_checkpoint
-    from qvgen.kernels_import import qvgen_kernels
     from qvgen.timestep import TimestepState, attach_timestep_hook
 
-    if backend not in BACKENDS:
-        raise QVGenLoadError(f"backend {backend!r}: expected one of {BACKENDS}")
+    try:  # fail now, not at the first sampling step, when e.g. triton is missing
+        check_backend(backend)
+    except BackendError as e:
+        raise QVGenLoadError(str(e)) from None
     if compute_dtype not in DTYPES:
         raise QVGenLoadError(f"compute_dtype {compute_dtype!r}: expected one of {list(DTYPES)}")
-    try:  # fail now, not at the first sampling step, when e.g. triton is missing
-        qvgen_kernels.resolve_backend(backend, host.torch_device())
-    except (RuntimeError, ValueError) as e:
-        raise QVGenLoadError(f"kernel backend {backend!r}: {e}") from None
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:

@@ -1,4 +1,4 @@
-"""ComfyUI node "Load QVGen Model (W4A4)": inputs in `schema.LOADER`, logic in `loader.py`."""
+"""ComfyUI node "Load QVGen Model (Wan W4A4, 4-bit)": inputs in `schema.LOADER`, logic in `loader.py`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ComfyUI node "QVGen Quantize (RTN preview)": inputs in `schema.QUANTIZE`, logic in `quantize.py`."""
+"""ComfyUI node "QVGen Quantize Wan (RTN W4A4, 4-bit)": inputs in `schema.QUANTIZE`, logic in `quantize.py`."""
 
 from __future__ import annotations
 

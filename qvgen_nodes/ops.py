@@ -24,14 +24,17 @@ How ComfyUI's machinery meets a packed layer:
   they are; a layer that the checkpoint keeps in full precision loads `weight`/`bias` normally.
   Nothing is allocated at construction, so no full-precision copy of the model ever exists.
 - Devices: the packed tensors are frozen parameters, so `ModelPatcher` moves, offloads and sizes
-  them like any weight. A layer left on the offload device by `--lowvram` runs with temporary
-  copies of its tensors on the input's device (ComfyUI's "cast weights" contract).
+  them like any weight. A layer whose tensors are not all on the input's device (`--lowvram` leaves
+  whole layers on the offload device; ComfyUI 0.29's dynamic VRAM loader moves all but `weight` and
+  `bias`) runs with temporary copies on the input's device.
 - LoRA and other weight patches: `ModelPatcher` patches `<layer>.weight` through the layer's
   `convert_weight`/`set_weight` hooks (the hooks ComfyUI's scaled-fp8 ops use). `convert_weight`
   hands ComfyUI the dequantized weight; `set_weight` stores the *difference* the patches made as
   a low-rank factor pair (a dense matrix if it is not low-rank) in the layer's `weight` slot, which
   otherwise holds an empty placeholder. The forward adds `x Δᵀ` to the W4A4 product, in the
-  compute dtype. Unpatching restores the placeholder, as for any ComfyUI weight.
+  compute dtype. Unpatching restores the placeholder, as for any ComfyUI weight. Patches ComfyUI
+  applies per call (`--lowvram`'s `weight_function`, 0.29's `weight_lowvram_function`) are run on
+  the dequantized weight and their difference kept the same way, cached per patch set.
 """
 
 from __future__ import annotations
@@ -46,21 +49,10 @@ from torch import Tensor, nn
 
 from qvgen.config import QVGenConfig
 from qvgen.layers import PackedLinear
+from qvgen.packed_layer import PACKED_TENSORS, PackedLayerError
 from qvgen.timestep import TimestepState
-from qvgen.transforms import hadamard_block
 
-PACKED_KEYS = (
-    "qweight",
-    "weight_scale",
-    "weight_zero",
-    "weight_qsum",
-    "act_clip",
-    "bias",
-    "phi_down",
-    "phi_up",
-    "input_signs",
-    "smooth",
-)
+PACKED_KEYS = tuple(PACKED_TENSORS)
 LORA_MAX_RANK = 128  # a patch delta needing more components is kept dense
 LORA_REL_TOL = 1e-3  # relative Frobenius error allowed when factoring a patch delta
 
@@ -136,26 +128,35 @@ def make_ops(base_ops: type, settings: OpsSettings) -> type:
 
 
 def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
-    """`PackedLinear` that is also a ComfyUI linear op (`base_linear`, e.g. `comfy.ops.manual_cast.Linear`).
-
-    It is a plain ComfyUI linear until its state dict shows packed tensors; then it is a QVGen layer.
+    """`ComfyPackedLinear`: a `PackedLinear` that is also a ComfyUI linear op (`base_linear`, e.g.
+    `comfy.ops.manual_cast.Linear`). It is a plain ComfyUI linear until its state dict shows packed
+    tensors; then it is a QVGen layer.
     """
 
-    class QVGenLinear(PackedLinear, base_linear):  # PackedLinear first: its attributes and methods win
+    class ComfyPackedLinear(PackedLinear, base_linear):  # PackedLinear first: its attributes and methods win
         qvgen_settings = settings
 
         def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, **_kwargs):
-            nn.Module.__init__(self)  # allocate nothing: the state dict brings the tensors
-            self.in_features, self.out_features = in_features, out_features
+            cfg = settings.config
+            PackedLinear.__init__(  # allocate nothing: the state dict brings the tensors
+                self,
+                in_features,
+                out_features,
+                bias,
+                weight_bits=cfg.weight_bits,
+                act_bits=cfg.act_bits,
+                n_buckets=cfg.n_buckets,
+                input_transform=cfg.input_transform,
+                hadamard_block_max=cfg.hadamard_block,
+                allocate=False,
+            )
             self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-            for key in PACKED_KEYS:
-                self.register_parameter(key, None)
             self.quantized = False
             self.compute_dtype = dtype or torch.float32
             self.timestep_state = settings.timestep_state
             self.backend = settings.backend
-            self._lowvram_delta: tuple[Any, Tensor] | None = None
+            self._lowvram_delta: tuple[Any, Tensor, Any] | None = None
+            self._passthrough = False  # convert/set hooks hand weights through while patch functions run
 
         # ---- loading ------------------------------------------------------------------------
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -176,25 +177,17 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
             unexpected.extend(key for name, key in mine.items() if name not in ("weight", "bias"))
 
         def load_packed(self, tensors: dict[str, Tensor], name: str = "") -> None:
-            """Become a QVGen layer with these packed tensors (docs/format.md), taken without copies."""
-            cfg = settings.config
-            q = tensors["qweight"]
-            k = q.shape[1] * 2 if cfg.weight_bits <= 4 else q.shape[1]
-            if q.shape[0] != self.out_features or k not in (self.in_features, self.in_features + 1):
+            """Become a QVGen layer with these packed tensors (docs/format.md): the format's dtype rule
+            with ComfyUI's storage dtype as compute dtype; no copies where the dtype already fits."""
+            try:
+                self.set_tensors(tensors, dtype=self.compute_dtype, name=name)
+            except PackedLayerError as e:
                 raise LayerLoadError(
-                    f"layer '{name}': packed weight {tuple(q.shape)} ({cfg.weight_bits}-bit) does not fit a "
-                    f"{self.in_features} → {self.out_features} linear layer of the ComfyUI model"
-                )
-            self.weight_bits, self.act_bits = cfg.weight_bits, cfg.act_bits
-            self.transform = cfg.input_transform
-            self.rot_block = hadamard_block(self.in_features, cfg.hadamard_block)
-            for key in PACKED_KEYS:
-                t = tensors.get(key)
-                self.register_parameter(key, None if t is None else nn.Parameter(t, requires_grad=False))
-            if cfg.act_bits is not None and self.act_clip is None:
-                raise LayerLoadError(f"layer '{name}': act_bits={cfg.act_bits} but no act_clip tensor")
+                    f"{e} (the ComfyUI model has a {self.in_features} → {self.out_features} linear layer there)"
+                ) from None
             # The `weight` slot: an empty placeholder ComfyUI can back up, patch and restore.
-            self.weight = nn.Parameter(torch.empty(0, dtype=self.compute_dtype, device=q.device), requires_grad=False)
+            dev = self.qweight.device
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.compute_dtype, device=dev), requires_grad=False)
             self.quantized = True
             settings.layers.append(self)
 
@@ -204,7 +197,7 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
             return PackedLinear.dequantize_weight(shell, torch.float32)
 
         def convert_weight(self, weight: Tensor, inplace: bool = False, **kwargs) -> Tensor:
-            if not self.quantized:
+            if not self.quantized or self._passthrough:
                 return weight
             w = self._dequantized(weight.device)
             d = decode_delta(weight, self.out_features, self.in_features)
@@ -213,7 +206,7 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
         def set_weight(
             self, weight: Tensor, inplace_update: bool = False, seed: Any = None, return_weight: bool = False, **kwargs
         ):
-            if not self.quantized:
+            if not self.quantized or self._passthrough:
                 if return_weight:
                     return weight
                 self.weight = nn.Parameter(weight.to(self.weight.dtype), requires_grad=False)
@@ -227,8 +220,10 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
             return None
 
         # ---- forward ------------------------------------------------------------------------
-        def _on_device(self, device: torch.device) -> QVGenLinear:
-            """A shallow copy whose tensors live on `device` (the original is left where it is)."""
+        def _on_device(self, device: torch.device) -> ComfyPackedLinear:
+            """A shallow copy whose tensors all live on `device` (the original is left where it is):
+            `--lowvram` leaves whole layers on the offload device, and ComfyUI's dynamic VRAM loader
+            moves every tensor but `weight` and `bias`, which it expects to stream itself."""
             shell = copy.copy(self)
             shell._parameters = {
                 k: (None if v is None else v.to(device, non_blocking=True)) for k, v in self._parameters.items()
@@ -238,42 +233,69 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
         def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
             if not self.quantized:
                 return base_linear.forward(self, x, *args, **kwargs)
-            bias_fns = getattr(self, "bias_function", None) or []
-            layer = self._on_device(x.device) if (self.qweight.device != x.device or bias_fns) else self
+            bias_fns = _functions(self, "bias")
+            elsewhere = any(v is not None and v.device != x.device for v in self._parameters.values())
+            layer = self._on_device(x.device) if (elsewhere or bias_fns) else self
             if bias_fns and layer.bias is not None:
                 b = layer.bias
                 for f in bias_fns:
                     b = f(b)
                 layer._parameters["bias"] = b
             y = PackedLinear.forward(layer, x)
-            delta = self._patch_delta(layer.weight)
+            delta = self._patch_delta(layer.weight, x.device)
             if delta is not None and delta.numel():
                 y = y + apply_delta(x, delta, self.out_features)
             return y
 
-        def _patch_delta(self, delta: Tensor | None) -> Tensor | None:
-            fns = getattr(self, "weight_function", None) or []
+        def _patch_delta(self, stored: Tensor | None, device: torch.device) -> Tensor | None:
+            """The weight difference to add: the stored one, or the result of ComfyUI's per-call patch
+            functions (`--lowvram`'s `weight_function`, dynamic VRAM's `weight_lowvram_function`).
+
+            Those functions take the full weight and return the patched one (ComfyUI 0.29); older
+            releases also call this layer's convert/set hooks from inside them. Both are served by
+            handing them the dequantized weight with the hooks switched to pass-through, then
+            factoring the difference. The result is reused while the patch lists are the same objects.
+            """
+            fns = _functions(self, "weight")
             if not fns:
                 self._lowvram_delta = None  # ComfyUI dropped its per-call patches: forget their result
-            for f in fns:
-                # ComfyUI's LowVramPatch re-applies the patches on every call; factoring the result
-                # each time would be slow, so reuse it while the patch list is the same object.
-                plist = getattr(f, "patches", {}).get(getattr(f, "key", None)) if hasattr(f, "patches") else None
-                if plist is not None and self._lowvram_delta is not None and self._lowvram_delta[0] is plist:
-                    delta = self._lowvram_delta[1]
-                    continue
-                delta = f(delta)
-                if plist is not None:
-                    self._lowvram_delta = (plist, delta)
-            return delta
+                return stored
+            lists = [_patch_list(f) for f in fns]
+            key = tuple(id(pl) for pl in lists) if all(pl is not None for pl in lists) else None
+            hit = self._lowvram_delta
+            if key is not None and hit is not None and hit[0] == key and hit[2] is stored:
+                return hit[1]
+            w = self.convert_weight(stored.to(device)) if stored is not None else self._dequantized(device)
+            self._passthrough = True
+            try:
+                for f in fns:
+                    w = f(w)
+            finally:
+                self._passthrough = False
+            enc = encode_delta(w.float() - self._dequantized(w.device), settings.lora_max_rank, self.compute_dtype)
+            self._lowvram_delta = (key, enc, stored) if key is not None else None
+            return enc
 
         def extra_repr(self) -> str:
             if not self.quantized:
                 return f"in={self.in_features}, out={self.out_features}, full precision"
             return PackedLinear.extra_repr(self) + f", backend={self.backend}"
 
-    QVGenLinear.__qualname__ = QVGenLinear.__name__ = "QVGenLinear"
-    return QVGenLinear
+    return ComfyPackedLinear
+
+
+def _functions(layer: nn.Module, param: str) -> list:
+    """ComfyUI's per-call functions for `weight`/`bias` of a layer: `<param>_function` (`--lowvram`,
+    weight wrappers) and, from ComfyUI 0.29's dynamic VRAM loader, `<param>_lowvram_function`."""
+    fns = list(getattr(layer, f"{param}_function", None) or [])
+    extra = getattr(layer, f"{param}_lowvram_function", None)
+    return fns + [extra] if extra is not None else fns
+
+
+def _patch_list(f: Any) -> Any:
+    """The patch list a ComfyUI `LowVramPatch` applies (its identity keys the cache), else None."""
+    patches, key = getattr(f, "patches", None), getattr(f, "key", None)
+    return patches.get(key) if isinstance(patches, dict) else None
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -64,9 +64,10 @@ def _checkpoint_options() -> list[str]:
 
 LOADER = NodeSpec(
     node_id="QVGenLoader",
-    display_name="Load QVGen Model (W4A4)",
+    display_name="Load QVGen Model (Wan W4A4, 4-bit)",
     description=(
-        "Loads a QVGen W4A4 (4-bit weights and activations) Wan 2.1 diffusion model and returns a standard "
+        "Loads a QVGen W4A4 (4-bit weights and activations, quantized by quantization-aware training) Wan 2.1 "
+        "diffusion model and returns a standard "
         "MODEL: ComfyUI's own Wan model with QVGen's packed layers, so ModelSamplingSD3, KSampler, LoRA loaders "
         "and memory management (offload, --lowvram) work as with UNETLoader. Pick a checkpoint from "
         "models/diffusion_models, or type a Hugging Face repo id to download one there (used offline once "
@@ -83,9 +84,10 @@ LOADER = NodeSpec(
         Input(
             "repo_id",
             "STRING",
-            "Hugging Face repo id (owner/name) of a QVGen model. Missing files are downloaded into "
-            "models/diffusion_models/qvgen/; without network the earlier download is used. Leave empty to "
-            "use 'checkpoint'.",
+            "Hugging Face repo id (owner/name) of a QVGen model: one pushed with qvgen.hub, or the paper "
+            "authors' Harahan/QVGen-Wan-1_3B-W4A4 (converted once to the packed format). Also a local path to a "
+            "checkpoint in the authors' layout. Files go to models/diffusion_models/qvgen/; without network the "
+            "earlier download is used. Leave empty to use 'checkpoint'.",
             default="",
             optional=True,
         ),
@@ -116,17 +118,19 @@ LOADER = NodeSpec(
         ),
     ],
     outputs=[Output("MODEL", "MODEL", "The W4A4 diffusion model, usable wherever a MODEL is expected.")],
-    search_aliases=["w4a4", "4-bit", "quantized wan", "qvgen"],
+    search_aliases=["w4a4", "4-bit", "4bit", "int4", "quantized wan", "quantize", "wan 2.1", "qvgen"],
 )
 
 QUANTIZE = NodeSpec(
     node_id="QVGenQuantize",
-    display_name="QVGen Quantize (RTN preview)",
+    display_name="QVGen Quantize Wan (RTN W4A4, 4-bit)",
     description=(
-        "Round-to-nearest low-bit quantization (W4A4 by default) of any loaded Wan MODEL, with QVGen's packed "
-        "layers and kernels: a quick preview of low-bit quality without a QVGen checkpoint. A QVGen-trained "
-        "checkpoint (Load QVGen Model) is much closer to full precision than this. The input MODEL is not "
-        "changed, so a full-precision branch of the same graph can run beside it."
+        "Round-to-nearest low-bit quantization (W4A4, 4-bit weights and activations, by default) of any loaded "
+        "Wan MODEL, with QVGen's packed layers and kernels: a quick preview of low-bit quality without a QVGen "
+        "checkpoint. A QVGen-trained checkpoint (Load QVGen Model) is much closer to full precision than this. "
+        "The input MODEL is not changed, so a full-precision branch of the same graph can run beside it, and "
+        "it can be quantized again with other settings. On the CPU each 4-bit layer keeps its weight codes "
+        "unpacked after the first call (one byte per weight, twice the packed size)."
     ),
     inputs=[
         Input("model", "MODEL", "A Wan diffusion model, e.g. from Load Diffusion Model (UNETLoader)."),
@@ -170,7 +174,7 @@ QUANTIZE = NodeSpec(
         ),
     ],
     outputs=[Output("MODEL", "MODEL", "A quantized copy of the model (the input MODEL is unchanged).")],
-    search_aliases=["rtn", "w4a4", "quantize wan", "low-bit"],
+    search_aliases=["rtn", "w4a4", "4-bit", "4bit", "int4", "quantize wan", "wan 2.1", "low-bit", "qvgen"],
 )
 
 NODE_SPECS = {s.node_id: s for s in (LOADER, QUANTIZE)}

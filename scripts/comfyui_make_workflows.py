@@ -29,7 +29,8 @@ NEGATIVE = (
     "grey tint, worst quality, low quality, JPEG artifacts, ugly, deformed, extra fingers, bad hands, bad face, "
     "malformed limbs, fused fingers, cluttered background, three legs, crowd in the background, walking backwards"
 )
-QVGEN_CKPT = "wan2.1_t2v_1.3B_qvgen_w4a4.safetensors"
+QVGEN_REPO = "Harahan/QVGen-Wan-1_3B-W4A4"  # the paper authors' W4A4 model, converted once by the loader
+NO_LOCAL = "none (use repo_id)"
 FP_CKPT = "wan2.1_t2v_1.3B_fp16.safetensors"
 TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 VAE = "wan_2.1_vae.safetensors"
@@ -176,14 +177,16 @@ def _sample(g: Graph, model: int, pos: int, neg: int, lat: int, vae: int, x: int
 def t2v_w4a4(defs: dict) -> dict:
     g = Graph(defs)
     pos, neg, lat, vae = _text_and_latent(g, 40)
-    model = g.node("QVGenLoader", (520, 80), [QVGEN_CKPT, "", "", "auto", "default"], size=(380, 180))
+    model = g.node("QVGenLoader", (520, 80), [NO_LOCAL, QVGEN_REPO, "", "auto", "default"], size=(380, 180))
     _sample(g, model, pos, neg, lat, vae, 520, 300, "video/wan2.1_qvgen_w4a4", "W4A4")
     g.note(
         (1260, 760),
         "## Wan 2.1 T2V 1.3B, QVGen W4A4\n"
         "The standard Wan 2.1 text-to-video graph with **Load QVGen Model** in place of *Load Diffusion Model*.\n\n"
-        f"- Put the QVGen checkpoint in `models/diffusion_models/` (here `{QVGEN_CKPT}`), or type its Hugging Face "
-        "repo id in `repo_id`: it is downloaded there once and used offline afterwards.\n"
+        f"- `repo_id` is prefilled with the paper authors' W4A4 Wan 2.1 1.3B (`{QVGEN_REPO}`): the first run "
+        "downloads it into `models/diffusion_models/qvgen/` with a progress bar and converts it once to QVGen's "
+        "packed format; later runs use that file, offline too. To use another QVGen checkpoint, clear `repo_id` "
+        "and pick the file in `checkpoint`.\n"
         f"- Text encoder `{TEXT_ENCODER}` in `models/text_encoders/`, VAE `{VAE}` in `models/vae/` "
         "(the files ComfyUI's own Wan example uses).\n"
         "- LoRA loaders, other samplers and schedulers plug in as usual.",
@@ -196,7 +199,7 @@ def fp_vs_w4a4(defs: dict) -> dict:
     g = Graph(defs)
     pos, neg, lat, vae = _text_and_latent(g, 40)
     fp = g.node("UNETLoader", (520, 80), [FP_CKPT, "default"], title="Full precision (fp16)", size=(380, 90))
-    q = g.node("QVGenLoader", (1380, 80), [QVGEN_CKPT, "", "", "auto", "default"], size=(380, 180))
+    q = g.node("QVGenLoader", (1380, 80), [NO_LOCAL, QVGEN_REPO, "", "auto", "default"], size=(380, 180))
     rtn = g.node("QVGenQuantize", (2240, 80), ["4", "4", "", False, "auto"], size=(380, 200))
     g.link(fp, 0, rtn, "model")
     d_fp = _sample(g, fp, pos, neg, lat, vae, 520, 300, "video/wan2.1_fp16", "full precision")

@@ -136,17 +136,46 @@ def test_converted_model_matches_the_authors_forward(tmp_path, authors):
     assert sorted(result.ignored) == ["blocks.1.ffn.net.2.wquantizer.L", "blocks.1.ffn.net.2.wquantizer.R"]
     cfg = qvgen.load_checkpoint(tmp_path / "out" / "transformer").config
     assert (cfg.n_buckets, cfg.current_rank, cfg.modules_to_not_convert, cfg.act_fixed_clip) == (
-        50,
+        1000,
         0,
         ["proj_out"],
         0.95,
     )
     prov = json.loads((tmp_path / "out" / "transformer" / "qvgen_provenance.json").read_text())
-    assert prov["method"] == "converted" and prov["clip_buckets"] == "identity"
+    assert prov["method"] == "converted" and prov["clip_buckets"] == "mod"
     model = WanTransformer3DModel.from_pretrained(tmp_path / "out", subfolder="transformer")
-    for t in (437.0, 975.0):  # bucket b = floor(t / 1000 * 50) uses the authors' pair b
-        ref = run(their_model(sd, int(t / 1000 * T)), t)
+    for t in (437.0, 975.0, 12.0, 999.0):  # default: their training's pair int(t) mod 50 at timestep t
+        ref = run(their_model(sd, int(t) % T), t)
         assert torch.allclose(run(model, t), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_identity_buckets_follow_their_inference_countdown(tmp_path, authors):
+    folder, sd = authors
+    convert_official(folder, tmp_path / "out", clip_buckets="identity", dtype=torch.float32)
+    assert qvgen.load_checkpoint(tmp_path / "out").config.n_buckets == T
+    model = qvgen.load_quantized_model(tmp_path / "out")
+    for t in (437.0, 975.0):  # bucket b = floor(t · 50 / 1000) uses the authors' pair b
+        ref = run(their_model(sd, int(t * T / 1000)), t)
+        assert torch.allclose(run(model, t), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_single_file_without_diffusers_equals_convert_official(tmp_path, authors, monkeypatch):
+    """What the ComfyUI loader runs: no diffusers needed, the same tensors as `python -m qvgen.convert`."""
+    from qvgen.convert_official import convert_to_file
+
+    folder, _ = authors
+    convert_official(folder, tmp_path / "ref.safetensors", dtype=torch.bfloat16)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # importing diffusers now fails
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    result = convert_to_file(folder, tmp_path / "x" / "got.safetensors")
+    assert len(result.quantized) == 25 and result.full_precision == ["proj_out"]
+    got, ref = (
+        qvgen.load_checkpoint(tmp_path / "x" / "got.safetensors"),
+        qvgen.load_checkpoint(tmp_path / "ref.safetensors"),
+    )
+    assert got.config == ref.config and got.state_dict.keys() == ref.state_dict.keys()
+    for k, t in ref.state_dict.items():
+        assert got.state_dict[k].dtype == t.dtype and torch.equal(got.state_dict[k], t), k
 
 
 def test_mean_buckets_single_file_and_cli(tmp_path, authors, capsys):

@@ -201,8 +201,8 @@ def test_workflow_nodes_exist_and_links_type_check(path):
     assert "QVGenLoader" in types
     assert {"KSampler", "ModelSamplingSD3", "CLIPTextEncode", "VAEDecode"} <= types
     for node in wf["nodes"]:
-        if node["type"] == "QVGenLoader":
-            assert node["widgets_values"][0].endswith(".safetensors")
+        if node["type"] == "QVGenLoader":  # the authors' Hub model, converted once by the loader: nothing to place
+            assert node["widgets_values"][:2] == ["none (use repo_id)", "Harahan/QVGen-Wan-1_3B-W4A4"]
 
 
 def test_fp_vs_w4a4_runs_every_branch_from_the_same_inputs():

@@ -8,6 +8,7 @@ import sys
 
 # command name -> module; a module that does not exist yet is simply not offered
 SUBCOMMANDS = {
+    "comfy": "qvgen.bench.comfy",
     "kernels": "qvgen.bench.kernels",
     "train": "qvgen.bench.train",
 }

@@ -209,9 +209,11 @@ def pack_model(model: nn.Module, config: QVGenConfig, dtype: torch.dtype = torch
         if not isinstance(module, QVGenLinear):
             continue
         tensors = module.export_tensors()
-        r = module.rank
-        layer = packed_shell(module, config, r, dtype, module.weight.device)
-        layer.load_state_dict({k: v.to(getattr(layer, k).dtype) for k, v in tensors.items()})
+        if module.convrot_group:
+            layer = packed_shell(module, config, 0, dtype, module.weight.device)
+            layer.load_state_dict({k: v.to(getattr(layer, k).dtype) for k, v in tensors.items()})
+        else:
+            layer = PackedLinear.from_tensors(tensors, config, module.in_features, dtype=dtype, name=name)
         layer.timestep_state = state
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)

@@ -28,16 +28,14 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, validate_state_dict
 from ..config import QVGenConfig
-from ..convert import STATE_ATTR, build_packed_model, pack_model, timestep_state
+from ..convert import build_packed_model, timestep_state, unsupported_reason
 from ..layers import PackedLinear, QVGenLinear
+from ..packed_layer import PACKED_TENSORS, PackedLayerError, check_codes, quantize_linear
 from .config import QVGenQuantizationConfig
 
 logger = logging.getLogger("qvgen.diffusers")
 
 MIN_DIFFUSERS_VERSION = "0.33.1"  # oldest release tested (with transformers 4.51); Wan arrived in 0.33
-# Tensors of a quantized layer stored in the compute dtype; every other one (qweight, scales, zero
-# points, clipping factors, transform vectors) keeps the dtype the format fixes, whatever `torch_dtype` is.
-COMPUTE_DTYPE_TENSORS = ("bias", "phi_down", "phi_up")
 PTQ_WARNING = (
     "QVGen: quantizing a full-precision model on load with round-to-nearest W%sA%s (no training). "
     "Expect a clear quality loss at 4 bits; QVGen QAT checkpoints (python -m qvgen.train) are much better."
@@ -153,7 +151,9 @@ class QVGenQuantizer(DiffusersQuantizer):
             raise CheckpointError(f"{self.source}: tensor '{param_name}' is not part of the quantized layer '{owner}'")
         # The raw tensor as stored: diffusers has already cast floating tensors to `torch_dtype`.
         raw = state_dict[param_name] if state_dict is not None and param_name in state_dict else param_value
-        if name in COMPUTE_DTYPE_TENSORS:  # fp32 inside `_keep_in_fp32_modules`, else the compute dtype
+        # The format's dtype rule (qvgen.packed_layer): bias and Φ follow the compute dtype (fp32 inside
+        # `_keep_in_fp32_modules`); every other tensor keeps its fixed dtype, whatever `torch_dtype` is.
+        if PACKED_TENSORS[name].dtype is None:
             if not raw.is_floating_point():
                 raise CheckpointError(f"{self.source}: tensor '{param_name}': expected a float tensor, got {raw.dtype}")
             keep_fp32 = any(m in param_name.split(".") for m in self.keep_in_fp32_modules)
@@ -167,6 +167,11 @@ class QVGenQuantizer(DiffusersQuantizer):
             dtype = expected.dtype
         if tuple(raw.shape) != tuple(expected.shape):
             self.check_quantized_param_shape(param_name, expected, raw)
+        if name == "qweight":
+            try:
+                check_codes(raw, module.weight_bits, f"{self.source}: tensor '{param_name}'")
+            except PackedLayerError as e:
+                raise CheckpointError(str(e)) from None
         value = raw.to(device=target_device, dtype=dtype).contiguous()
         module._parameters[name] = nn.Parameter(value, requires_grad=False)
 
@@ -243,8 +248,10 @@ _ST_DTYPES = {
 def quantize_on_load(model: nn.Module, quantizer: QVGenQuantizer) -> None:
     """Round-to-nearest PTQ of a loaded full-precision model, one layer at a time, in place.
 
-    No Φ (rank 0) and one activation-clipping bucket (every bucket would hold the initial factors);
-    the config diffusers saves says so.
+    QVGen's clip search through `qvgen.packed_layer.quantize_linear` (the same code as ComfyUI's
+    Quantize node), no Φ (rank 0) and one activation-clipping bucket (every bucket would hold the
+    initial factors); the config diffusers saves says so. Layers the scheme cannot quantize stay
+    in full precision, as in `convert_model`.
     """
     requested = quantizer.quantization_config
     config = QVGenQuantizationConfig.from_dict({**requested.to_dict(), "rank": 0, "current_rank": 0, "n_buckets": 1})
@@ -254,15 +261,12 @@ def quantize_on_load(model: nn.Module, quantizer: QVGenQuantizer) -> None:
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or isinstance(module, (QVGenLinear, PackedLinear)):
             continue
-        if not core.should_convert(name):
+        if not core.should_convert(name) or unsupported_reason(module, core):
             continue
-        # One layer at a time through the core's own packing, so at most one fp32 copy exists.
-        holder = nn.Module()
-        holder.layer = QVGenLinear.from_linear(module, core, init=True, name=name)
-        object.__setattr__(holder, STATE_ATTR, state)  # share the model's timestep state, no new hook
-        pack_model(holder, core, dtype=module.weight.dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, holder.layer)
+        tensors = quantize_linear(module.weight, module.bias, core, name=name, clip_search=True)
+        layer = PackedLinear.from_tensors(tensors, core, module.in_features, dtype=module.weight.dtype, name=name)
+        layer.timestep_state = state
+        model.set_submodule(name, layer)
     quantizer.quantization_config = config
     quantizer.pre_quantized = True  # from now on the model holds packed layers (save, reload)
     if hasattr(model, "register_to_config"):
