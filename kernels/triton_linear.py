@@ -37,6 +37,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -773,6 +775,40 @@ def quantized_linear(
     w_zero: Tensor,
     w_qsum: Tensor,
     bias: Tensor | None = None,
+    **kwargs,
+) -> Tensor:
+    """The public `quantized_linear` on the Triton kernels.
+
+    Keyword arguments as `layer_stages`, which does the work: the quantization launch (unless the
+    GEMM quantizes, or the layer is weight-only), then the GEMM launch.
+    """
+    stages = layer_stages(x, qweight, w_scale, w_zero, w_qsum, bias, **kwargs)
+    return stages.run()
+
+
+@dataclass
+class LayerStages:
+    """One layer call split into its launches, so that each can be timed alone (`qvgen.bench`).
+
+    `quant()` launches the activation quantization and returns what the GEMM reads (None when the
+    GEMM reads x itself: weight-only or fused); `gemm(staged)` launches the GEMM and returns y;
+    `run()` is the whole call.
+    """
+
+    quant: Callable[[], tuple | None]
+    gemm: Callable[[tuple | None], Tensor]
+
+    def run(self) -> Tensor:
+        return self.gemm(self.quant())
+
+
+def layer_stages(
+    x: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    w_zero: Tensor,
+    w_qsum: Tensor,
+    bias: Tensor | None = None,
     *,
     in_features: int,
     w_bits: int,
@@ -789,8 +825,8 @@ def quantized_linear(
     config: dict | None = None,
     quant_block_size: tuple[int, int] | None = None,
     int_out: bool = False,
-) -> Tensor:
-    """The public `quantized_linear` on the Triton kernels.
+) -> LayerStages:
+    """Checks the arguments of `quantized_linear` and prepares its launches.
 
     `fused` forces the quantize-in-GEMM variant on or off (default: on for ≤ FUSE_MAX_M tokens
     without Φ); `config` fixes the GEMM tiles instead of autotuning (tests, the interpreter);
@@ -812,7 +848,7 @@ def quantized_linear(
     m = x2d.shape[0]
     dev = x.device
     if m == 0:
-        return torch.empty(*lead, n, dtype=out_dtype, device=dev)
+        return LayerStages(lambda: None, lambda _: torch.empty(*lead, n, dtype=out_dtype, device=dev))
     qweight = qweight.contiguous()
     w_packed = w_bits <= 4 and qweight.shape[1] != k
     s_w = w_scale.reshape(n).float().contiguous()
@@ -831,13 +867,12 @@ def quantized_linear(
         raise ValueError("the fused variant has no input transform; use fused=False")
 
     dummy_f = s_w
-    lo = hi = sx = zx = qsx = dummy_f
-    t = None
-    half = 0
+    direct = (x2d, dummy_f, dummy_f, dummy_f, None, 0)  # (a_buf, s_x, z_x, Σq_x, t, HALF): x read by the GEMM
+    lo = hi = dummy_f
     if a_bits is None:
-        a_src, a_buf, stride_am = 0, x2d, x2d.stride(0)
+        a_src = 0
     elif fused:
-        a_src, a_buf, stride_am = 2, x2d, x2d.stride(0)
+        a_src = 2
         lo = row_factors(clip_lo, lead, dev)
         hi = row_factors(clip_hi, lead, dev)
     else:
@@ -845,44 +880,15 @@ def quantized_linear(
         lo_r = row_factors(clip_lo, lead, dev)
         hi_r = row_factors(clip_hi, lead, dev)
         layout = 2 if w_packed else 1
-        a_buf, sx, zx, qsx, t, half = _launch_quant(
-            x2d, lo_r, hi_r, a_bits, layout, phi_down if phi_in_kernel else None, quant_block_size, tf
-        )
-        stride_am = a_buf.stride(0)
+        phi_k = phi_down if phi_in_kernel else None
 
-    y = torch.empty(m, n, dtype=torch.int32 if int_out else out_dtype, device=dev)
-    phi_r = t.shape[1] if t is not None else 0
+    def quant() -> tuple | None:
+        if a_src != 1:
+            return None
+        return _launch_quant(x2d, lo_r, hi_r, a_bits, layout, phi_k, quant_block_size, tf)
+
+    phi_r = _phi_pad(phi_down.shape[0]) if phi_in_kernel else 0
     pu = phi_up.contiguous() if phi_r else None
-    dot_prec = "tf32x3" if x2d.dtype == torch.float32 else "tf32"
-    args = (
-        a_buf,
-        lo,
-        hi,
-        sx,
-        zx,
-        qsx,
-        qweight,
-        s_w,
-        z_w,
-        qs_w,
-        bias_t if bias_t is not None else dummy_f,
-        t if t is not None else dummy_f,
-        pu if pu is not None else dummy_f,
-        y,
-        m,
-        n,
-        k,
-        (k + 1) // 2,
-        k // 2,
-        half,
-        phi_down.shape[0] if phi_r else 0,
-        stride_am,
-        qweight.stride(0),
-        t.stride(0) if t is not None else 0,
-        pu.stride(0) if pu is not None else 0,
-        y.stride(0),
-        min(triton.next_power_of_2(m), 8192),
-    )
     meta = dict(
         W_BITS=w_bits,
         W_PACKED=w_packed,
@@ -891,12 +897,35 @@ def quantized_linear(
         HAS_BIAS=bias_t is not None,
         PHI_R=phi_r,
         OUT_INT=int_out,
-        DOT_PREC=dot_prec,
+        DOT_PREC="tf32x3" if x2d.dtype == torch.float32 else "tf32",
     )
     # exact quantization needs FMA contraction off where the GEMM quantizes (fused variant)
     opts = {"enable_fp_fusion": a_src != 2}
     if config is None and _INTERPRET:
         config = INTERPRET_CONFIG
+
+    def gemm(staged: tuple | None) -> Tensor:
+        a_buf, sx, zx, qsx, t, half = staged if staged is not None else direct
+        y = torch.empty(m, n, dtype=torch.int32 if int_out else out_dtype, device=dev)
+        args = (
+            a_buf, lo, hi, sx, zx, qsx, qweight, s_w, z_w, qs_w,
+            bias_t if bias_t is not None else dummy_f,
+            t if t is not None else dummy_f,
+            pu if pu is not None else dummy_f,
+            y, m, n, k, (k + 1) // 2, k // 2, half, phi_down.shape[0] if phi_r else 0,
+            a_buf.stride(0), qweight.stride(0), t.stride(0) if t is not None else 0,
+            pu.stride(0) if pu is not None else 0, y.stride(0), min(triton.next_power_of_2(m), 8192),
+        )  # fmt: skip
+        _launch_gemm(args, meta, opts, m, n, a_src, config, dev)
+        if phi_down is not None and not phi_in_kernel:
+            y = _phi_in_torch(y, x2d, lead, a_bits, clip_lo, clip_hi, phi_down, phi_up, tf, out_dtype)
+        return y.reshape(*lead, n)
+
+    return LayerStages(quant, gemm)
+
+
+def _launch_gemm(args: tuple, meta: dict, opts: dict, m: int, n: int, a_src: int, config: dict | None, dev) -> None:
+    """Launch the GEMM of mode `a_src` with fixed tiles (`config`) or through its autotuner."""
     if config is not None:
         cfg = dict(config)
         warps = cfg.pop("num_warps", 4)
@@ -906,21 +935,24 @@ def quantized_linear(
             return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
 
         kernel_for(a_src)[grid](*args, **meta, **cfg, num_warps=warps, num_stages=stages, **opts)
-    else:
-        tuned = _tuned(a_src, _is_hopper(dev.index if dev.index is not None else torch.cuda.current_device()))
+        return
+    tuned = _tuned(a_src, _is_hopper(dev.index if dev.index is not None else torch.cuda.current_device()))
 
-        def grid(meta_: dict) -> tuple[int]:
-            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
+    def grid(meta_: dict) -> tuple[int]:
+        return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
 
-        tuned[grid](*args, **meta, **opts)
+    tuned[grid](*args, **meta, **opts)
 
-    if phi_down is not None and not phi_in_kernel:
-        x_src = x2d.float()
-        if a_bits is not None:  # x̂ = s_x (q_x - z_x), from the codes
-            q, s, z, _ = quantize_activation(
-                x2d, row_factors(clip_lo, lead, dev), row_factors(clip_hi, lead, dev), a_bits,
-                input_signs=input_signs, rot_block=rot_block, smooth=smooth,
-            )  # fmt: skip
-            x_src = s * (q.float() - z)
-        y = (y.float() + (x_src @ phi_down.float().t()) @ phi_up.float().t()).to(out_dtype)
-    return y.reshape(*lead, n)
+
+def _phi_in_torch(y, x2d, lead, a_bits, clip_lo, clip_hi, phi_down, phi_up, tf, out_dtype) -> Tensor:
+    """Φ ranks above PHI_MAX_RANK (and weight-only Φ): `y + (x̂ Rᵀ) Lᵀ` in float32 PyTorch."""
+    dev = x2d.device
+    x_src = x2d.float()
+    if a_bits is not None:  # x̂ = s_x (q_x - z_x), from the codes
+        signs, rot, smooth = tf
+        q, s, z, _ = quantize_activation(
+            x2d, row_factors(clip_lo, lead, dev), row_factors(clip_hi, lead, dev), a_bits,
+            input_signs=signs, rot_block=rot, smooth=smooth,
+        )  # fmt: skip
+        x_src = s * (q.float() - z)
+    return (y.float() + (x_src @ phi_down.float().t()) @ phi_up.float().t()).to(out_dtype)
