@@ -182,7 +182,7 @@ def _act_quant_kernel(
     stride_tm,
     R,
     BITS: tl.constexpr,
-    LAYOUT: tl.constexpr,  # 0: uint8 q; 1: int8 q - c_x; 2: int8 q - c_x, even k | odd k halves
+    LAYOUT: tl.constexpr,  # 0: uint8 q; 1: int8 q - c_x; 2: int8 q - c_x, even k | odd k halves; 3: fp8 q - z_x
     PHI_R: tl.constexpr,  # 0, or Φ's rank padded to a power of two ≥ 16
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -228,6 +228,8 @@ def _act_quant_kernel(
         qsum += tl.sum(q.to(tl.int32), axis=1)
         if LAYOUT == 0:
             tl.store(q_ptr + q_off[:, None] + cols[None, :], q.to(tl.uint8), mask=m)
+        elif LAYOUT == 3:  # fp8 e4m3 codes q - z_x ∈ [-15, 15] (≤ 4 bits: exact in e4m3), for fp8_gemm
+            tl.store(q_ptr + q_off[:, None] + cols[None, :], (q - z[:, None]).to(q_ptr.dtype.element_ty), mask=m)
         else:
             if BITS == 8:
                 a = (q - 128.0).to(tl.int8)
@@ -673,8 +675,8 @@ def _launch_quant(
     half = 0
     if layout == 0:
         q = torch.empty(m, k, dtype=torch.uint8, device=dev)
-    elif layout == 1:
-        q = torch.empty(m, _round_up(k, 16), dtype=torch.int8, device=dev)
+    elif layout in (1, 3):
+        q = torch.empty(m, _round_up(k, 16), dtype=torch.int8 if layout == 1 else torch.float8_e4m3fn, device=dev)
     else:
         half = _round_up((k + 1) // 2, 16)  # 16-byte aligned halves
         q = torch.empty(m, 2 * half, dtype=torch.int8, device=dev)

@@ -6,6 +6,7 @@ fp32 `F.linear` on CPU) against our W4A4 call as the doors make it, plus
 - `host_ms`: CPU time to issue our call (Python, checks, allocation) — a column of its own;
 - `quant_ms` / `gemm_ms`: the quantization kernel alone and the GEMM alone, in the layout the
   layer uses (even/odd halves for packed weights, plain rows for widened ones);
+- `ours_fp8_ms` (sm_90): the same layer on the experimental fp8 GEMM (`qvgen_kernels.fp8_gemm`);
 - `ceilings`: vendor GEMMs on operands of the same shape, quantization excluded — cuBLAS int8
   (`torch._int_mm`) and fp8 e4m3 rowwise-scaled (`torch._scaled_mm`); `null` where refused;
 - block pairs: LayerNorm + modulation → QKV as one N = 3·dim GEMM, and FFN-up + GELU → FFN-down,
@@ -111,6 +112,21 @@ def _stages(layer: dict, x: torch.Tensor, k: int, args: argparse.Namespace, back
     return {"quant": st.quant, "gemm": lambda: st.gemm(staged)}
 
 
+def _fp8_layer(layer: dict, x: torch.Tensor, k: int, args, backend: str) -> Callable[[], object] | None:
+    """The experimental fp8 GEMM route (`qvgen_kernels.fp8_gemm`) on sm_90+, W≤4A≤4 only."""
+    if backend != "triton" or args.a_bits is None or args.a_bits > 4 or args.w_bits > 4:
+        return None
+    if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return None
+    from qvgen_kernels import fp8_gemm
+
+    w8 = fp8_gemm.fp8_weight_codes(layer["qweight"], args.w_bits, k)
+    return lambda: fp8_gemm.fp8_linear(
+        x, w8, layer["w_scale"], layer["w_zero"], layer["w_qsum"], layer["bias"], in_features=k,
+        a_bits=args.a_bits, clip_lo=0.9025, clip_hi=0.9025,
+    )  # fmt: skip
+
+
 def layer_fns(m: int, k: int, n: int, args, device, backend: str) -> dict:
     """The functions to time for one linear layer: baseline, ours, its stages, the ceilings."""
     gpu = device.type == "cuda"
@@ -123,6 +139,9 @@ def layer_fns(m: int, k: int, n: int, args, device, backend: str) -> dict:
     fns = {"baseline": lambda: F.linear(x, w, b), "ours": lambda: ours(x)}
     for role, fn in _stages(layer, x, k, args, backend).items():
         fns[role] = fn
+    fp8 = _fp8_layer(layer, x, k, args, backend)
+    if fp8 is not None:
+        fns["ours fp8"] = fp8
     if not args.no_ceilings:
         for name, fn in vendor_ceilings(m, k, n, device).items():
             fns[f"ceiling {name}"] = fn
@@ -188,6 +207,7 @@ def record(model: str, layer: str, m: int, k: int, n: int, ms: dict, host: dict,
     rec["baseline_host_ms"] = host.get("baseline")
     rec["quant_ms"] = ms.pop("quant", None)
     rec["gemm_ms"] = ms.pop("gemm", None)
+    rec["ours_fp8_ms"] = ms.pop("ours fp8", None)  # experimental fp8 GEMM route (sm_90)
     rec["ceilings_ms"] = {name.removeprefix("ceiling "): v for name, v in ms.items() if name.startswith("ceiling ")}
     return rec
 
@@ -206,6 +226,7 @@ def environment(device: torch.device) -> dict:
 def markdown(records: list[dict]) -> str:
     ceil = sorted({c for r in records for c in r["ceilings_ms"]})
     head = ["model", "layer", "M", "K", "N", "baseline ms", "ours ms", "speed-up", "host ms", "quant ms", "gemm ms"]
+    head.append("ours fp8 ms")
     head += [f"{c} ms" for c in ceil]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -214,7 +235,7 @@ def markdown(records: list[dict]) -> str:
 
     for r in records:
         cells = [r["model"], r["layer"], str(r["M"]), str(r["K"]), str(r["N"]), f(r["baseline_ms"]), f(r["ours_ms"])]
-        cells += [f"{r['speedup']:.2f}×", f(r["host_ms"]), f(r["quant_ms"]), f(r["gemm_ms"])]
+        cells += [f"{r['speedup']:.2f}×", f(r["host_ms"]), f(r["quant_ms"]), f(r["gemm_ms"]), f(r["ours_fp8_ms"])]
         cells += [f(r["ceilings_ms"].get(c)) if c in r["ceilings_ms"] else "" for c in ceil]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
