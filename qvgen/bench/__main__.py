@@ -10,6 +10,7 @@ import sys
 SUBCOMMANDS = {
     "kernels": "qvgen.bench.kernels",
     "train": "qvgen.bench.train",
+    "step": "qvgen.bench.step",
 }
 
 

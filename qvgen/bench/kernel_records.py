@@ -248,8 +248,18 @@ def run_device_time(args, device: torch.device, cases: list[tuple], tokens: list
     env = environment(device)
     records: list[dict] = []
     t0 = time.perf_counter()
+    skipped: list[dict] = []
+
+    def over_budget(row: dict) -> bool:
+        if args.budget_s and time.perf_counter() - t0 > args.budget_s:
+            skipped.append({**row, "reason": f"budget of {args.budget_s}s spent"})
+            return True
+        return False
+
     for model, layer, k, n in cases:
         for m in tokens:
+            if over_budget({"model": model, "layer": layer, "M": m}):
+                continue
             ms, host, timing = time_fns(layer_fns(m, k, n, args, device, backend), device, args)
             records.append(record(model, layer, m, k, n, ms, host, timing, env))
             print(f"  {model} {layer} M={m}: {records[-1]['baseline_ms']:.3f} → {records[-1]['ours_ms']:.3f} ms",
@@ -259,6 +269,8 @@ def run_device_time(args, device: torch.device, cases: list[tuple], tokens: list
         pairs = (("qkv", "block norm+mod → qkv", 3 * d["dim"]), ("ffn", "block ffn up+gelu → down", d["dim"]))
         for kind, name, n in pairs:
             for m in tokens:
+                if over_budget({"model": model.strip(), "layer": name, "M": m}):
+                    continue
                 ms, host, timing = time_fns(block_fns(kind, m, d["dim"], d["ffn"], args, device), device, args)
                 records.append(record(model.strip(), name, m, d["dim"], n, ms, host, timing, env))
     print()
@@ -267,7 +279,7 @@ def run_device_time(args, device: torch.device, cases: list[tuple], tokens: list
     out = args.out or os.path.join("docs", "bench", f"kernels-{gpu_slug(device)}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    payload = {"schema": SCHEMA, "config": config, "records": records}
+    payload = {"schema": SCHEMA, "config": config, "records": records, "skipped": skipped}
     with open(out, "w") as fh:
         json.dump(payload, fh, indent=2)
     print(f"wrote {out}")

@@ -351,6 +351,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="PATH", help="--device-time: where to write the records")
     p.add_argument("--no-blocks", action="store_true", help="--device-time: skip the block pairs")
     p.add_argument("--no-ceilings", action="store_true", help="--device-time: skip the vendor GEMM ceilings")
+    p.add_argument(
+        "--budget-s", type=float, default=None, help="--device-time: start no new row after this many seconds"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
