@@ -139,7 +139,8 @@ def set_attention(model: nn.Module, backend: str) -> None:
 
 
 def time_step(model: nn.Module, case: tuple, device: torch.device, dtype: torch.dtype, reps: int, text_dim: int):
-    """(median step ms, peak GiB or None): one warm-up pass (autotuning, lazy init), then `reps` timed steps."""
+    """(median step ms, GiB the step allocates above what was in use, or None on CPU): one warm-up
+    pass (autotuning, lazy init), then `reps` timed steps."""
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(1, 16, *case, generator=g).to(device, dtype)
     t = torch.tensor([500.0], device=device)
@@ -156,6 +157,7 @@ def time_step(model: nn.Module, case: tuple, device: torch.device, dtype: torch.
         if gpu:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
         times = []
         for _ in range(reps):
             if gpu:
@@ -169,8 +171,8 @@ def time_step(model: nn.Module, case: tuple, device: torch.device, dtype: torch.
                 t0 = time.perf_counter()
                 step()
                 times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None
-    return statistics.median(times), peak
+    extra = (torch.cuda.max_memory_allocated(device) - before) / 2**30 if gpu else None
+    return statistics.median(times), extra
 
 
 def _free(device: torch.device) -> None:
@@ -180,7 +182,12 @@ def _free(device: torch.device) -> None:
 
 
 def run_rows(args, device: torch.device) -> tuple[list[dict], list[dict]]:
-    """All (model, case, variant, attention) rows; returns (records, skipped with reasons)."""
+    """All (model, case, variant, attention) rows; returns (records, skipped with reasons).
+
+    Both variants of a model are built first and stay resident, so that a time budget cuts whole
+    cases (bf16 and W4A4 alike), never one variant of a case; a row's peak is its own model's
+    weights plus what the step allocates above the memory in use before it.
+    """
     from .kernel_records import environment
 
     env = environment(device)
@@ -189,37 +196,35 @@ def run_rows(args, device: torch.device) -> tuple[list[dict], list[dict]]:
     skipped: list[dict] = []
     t_start = time.perf_counter()
     for model_name in args.models:
-        for variant in ("bf16", "w4a4"):
-            if args.budget_s and time.perf_counter() - t_start > args.budget_s:
-                skipped.append(
-                    {"model": model_name, "variant": variant, "reason": f"time budget {args.budget_s}s spent"}
-                )
-                continue
-            net = build_model(model_name, variant, device, dtype)
-            w_gib = weights_gib(net)
-            for case_name in args.cases:
-                case = CASES[case_name]
-                for attention in ["native", *args.attention_8bit]:
+        nets = {v: build_model(model_name, v, device, dtype) for v in ("bf16", "w4a4")}
+        text_dim = _config(model_name)["text_dim"]
+        for case_name in args.cases:
+            case = CASES[case_name]
+            for attention in ["native", *args.attention_8bit]:
+                for variant, net in nets.items():
                     row = {"model": model_name, "case": case_name, "tokens": tokens_of(case), "variant": variant}
+                    row["attention"] = attention
                     if args.budget_s and time.perf_counter() - t_start > args.budget_s:
-                        skipped.append({**row, "attention": attention, "reason": f"time budget {args.budget_s}s spent"})
+                        skipped.append({**row, "reason": f"budget of {args.budget_s}s spent"})
                         continue
                     try:
                         set_attention(net, attention)
-                        ms, peak = time_step(net, case, device, dtype, args.reps, _config(model_name)["text_dim"])
+                        ms, extra = time_step(net, case, device, dtype, args.reps, text_dim)
                     except Exception as e:  # backend not installed / not supported on this device
-                        skipped.append({**row, "attention": attention, "reason": f"{type(e).__name__}: {e}"[:300]})
-                        print(f"  skipped {model_name} {case_name} {variant} {attention}: {skipped[-1]['reason']}")
                         if attention == "native":
                             raise
+                        skipped.append({**row, "reason": f"{type(e).__name__}: {e}"[:300]})
+                        print(f"  skipped {model_name} {case_name} {variant} {attention}: {skipped[-1]['reason']}")
                         continue
-                    rec = {**row, "attention": attention, "step_ms": ms, "peak_gib": peak, "weights_gib": w_gib}
+                    w_gib = weights_gib(net)
+                    peak = None if extra is None else w_gib + extra
+                    rec = {**row, "step_ms": ms, "peak_gib": peak, "weights_gib": w_gib}
                     rec.update(env, timing="events" if device.type == "cuda" else "wall")
                     records.append(rec)
                     print(f"  {model_name} {case_name} ({rec['tokens']} tokens) {variant} {attention}: "
                           f"{ms:.1f} ms/step, weights {w_gib:.2f} GiB", flush=True)  # fmt: skip
-            del net
-            _free(device)
+        del nets
+        _free(device)
     base = {
         (r["model"], r["case"]): r["step_ms"] for r in records if r["variant"] == "bf16" and r["attention"] == "native"
     }
