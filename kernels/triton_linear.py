@@ -37,6 +37,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -180,7 +182,7 @@ def _act_quant_kernel(
     stride_tm,
     R,
     BITS: tl.constexpr,
-    LAYOUT: tl.constexpr,  # 0: uint8 q; 1: int8 q - c_x; 2: int8 q - c_x, even k | odd k halves
+    LAYOUT: tl.constexpr,  # 0: uint8 q; 1: int8 q - c_x; 2: int8 q - c_x, even k | odd k halves; 3: fp8 q - z_x
     PHI_R: tl.constexpr,  # 0, or Φ's rank padded to a power of two ≥ 16
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -226,6 +228,8 @@ def _act_quant_kernel(
         qsum += tl.sum(q.to(tl.int32), axis=1)
         if LAYOUT == 0:
             tl.store(q_ptr + q_off[:, None] + cols[None, :], q.to(tl.uint8), mask=m)
+        elif LAYOUT == 3:  # fp8 e4m3 codes q - z_x ∈ [-15, 15] (≤ 4 bits: exact in e4m3), for fp8_gemm
+            tl.store(q_ptr + q_off[:, None] + cols[None, :], (q - z[:, None]).to(q_ptr.dtype.element_ty), mask=m)
         else:
             if BITS == 8:
                 a = (q - 128.0).to(tl.int8)
@@ -569,11 +573,13 @@ HOPPER_CONFIGS = [
     _cfg(32, 64, 256, 4, 3),
     _cfg(16, 128, 256, 4, 3),
 ]
-# Ampere / Ada (sm_80, sm_86, sm_89): mma.sync m16n8k32 int8; 100–164 KB of shared memory.
+# Ampere / Ada (sm_80, sm_86, sm_89): mma.sync m16n8k32 int8; 100–164 KB of shared memory. A 128×128
+# int32 accumulator takes 128 registers per thread with 4 warps and spilled (Triton 3.9, sm_80), so
+# big tiles use 8 warps; 128×256 and 256×128 spilled even then (tests/test_kernels_triton.py checks).
 AMPERE_CONFIGS = [
-    _cfg(128, 128, 128, 4, 3),
-    _cfg(256, 128, 128, 8, 3),
-    _cfg(128, 256, 64, 8, 3),
+    _cfg(128, 128, 128, 8, 3),
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(64, 256, 128, 8, 3),
     _cfg(64, 128, 128, 4, 4),
     _cfg(128, 64, 128, 4, 4),
     _cfg(64, 64, 128, 4, 4),
@@ -669,8 +675,8 @@ def _launch_quant(
     half = 0
     if layout == 0:
         q = torch.empty(m, k, dtype=torch.uint8, device=dev)
-    elif layout == 1:
-        q = torch.empty(m, _round_up(k, 16), dtype=torch.int8, device=dev)
+    elif layout in (1, 3):
+        q = torch.empty(m, _round_up(k, 16), dtype=torch.int8 if layout == 1 else torch.float8_e4m3fn, device=dev)
     else:
         half = _round_up((k + 1) // 2, 16)  # 16-byte aligned halves
         q = torch.empty(m, 2 * half, dtype=torch.int8, device=dev)
@@ -771,6 +777,40 @@ def quantized_linear(
     w_zero: Tensor,
     w_qsum: Tensor,
     bias: Tensor | None = None,
+    **kwargs,
+) -> Tensor:
+    """The public `quantized_linear` on the Triton kernels.
+
+    Keyword arguments as `layer_stages`, which does the work: the quantization launch (unless the
+    GEMM quantizes, or the layer is weight-only), then the GEMM launch.
+    """
+    stages = layer_stages(x, qweight, w_scale, w_zero, w_qsum, bias, **kwargs)
+    return stages.run()
+
+
+@dataclass
+class LayerStages:
+    """One layer call split into its launches, so that each can be timed alone (`qvgen.bench`).
+
+    `quant()` launches the activation quantization and returns what the GEMM reads (None when the
+    GEMM reads x itself: weight-only or fused); `gemm(staged)` launches the GEMM and returns y;
+    `run()` is the whole call.
+    """
+
+    quant: Callable[[], tuple | None]
+    gemm: Callable[[tuple | None], Tensor]
+
+    def run(self) -> Tensor:
+        return self.gemm(self.quant())
+
+
+def layer_stages(
+    x: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    w_zero: Tensor,
+    w_qsum: Tensor,
+    bias: Tensor | None = None,
     *,
     in_features: int,
     w_bits: int,
@@ -787,8 +827,8 @@ def quantized_linear(
     config: dict | None = None,
     quant_block_size: tuple[int, int] | None = None,
     int_out: bool = False,
-) -> Tensor:
-    """The public `quantized_linear` on the Triton kernels.
+) -> LayerStages:
+    """Checks the arguments of `quantized_linear` and prepares its launches.
 
     `fused` forces the quantize-in-GEMM variant on or off (default: on for ≤ FUSE_MAX_M tokens
     without Φ); `config` fixes the GEMM tiles instead of autotuning (tests, the interpreter);
@@ -810,7 +850,7 @@ def quantized_linear(
     m = x2d.shape[0]
     dev = x.device
     if m == 0:
-        return torch.empty(*lead, n, dtype=out_dtype, device=dev)
+        return LayerStages(lambda: None, lambda _: torch.empty(*lead, n, dtype=out_dtype, device=dev))
     qweight = qweight.contiguous()
     w_packed = w_bits <= 4 and qweight.shape[1] != k
     s_w = w_scale.reshape(n).float().contiguous()
@@ -829,13 +869,12 @@ def quantized_linear(
         raise ValueError("the fused variant has no input transform; use fused=False")
 
     dummy_f = s_w
-    lo = hi = sx = zx = qsx = dummy_f
-    t = None
-    half = 0
+    direct = (x2d, dummy_f, dummy_f, dummy_f, None, 0)  # (a_buf, s_x, z_x, Σq_x, t, HALF): x read by the GEMM
+    lo = hi = dummy_f
     if a_bits is None:
-        a_src, a_buf, stride_am = 0, x2d, x2d.stride(0)
+        a_src = 0
     elif fused:
-        a_src, a_buf, stride_am = 2, x2d, x2d.stride(0)
+        a_src = 2
         lo = row_factors(clip_lo, lead, dev)
         hi = row_factors(clip_hi, lead, dev)
     else:
@@ -843,44 +882,15 @@ def quantized_linear(
         lo_r = row_factors(clip_lo, lead, dev)
         hi_r = row_factors(clip_hi, lead, dev)
         layout = 2 if w_packed else 1
-        a_buf, sx, zx, qsx, t, half = _launch_quant(
-            x2d, lo_r, hi_r, a_bits, layout, phi_down if phi_in_kernel else None, quant_block_size, tf
-        )
-        stride_am = a_buf.stride(0)
+        phi_k = phi_down if phi_in_kernel else None
 
-    y = torch.empty(m, n, dtype=torch.int32 if int_out else out_dtype, device=dev)
-    phi_r = t.shape[1] if t is not None else 0
+    def quant() -> tuple | None:
+        if a_src != 1:
+            return None
+        return _launch_quant(x2d, lo_r, hi_r, a_bits, layout, phi_k, quant_block_size, tf)
+
+    phi_r = _phi_pad(phi_down.shape[0]) if phi_in_kernel else 0
     pu = phi_up.contiguous() if phi_r else None
-    dot_prec = "tf32x3" if x2d.dtype == torch.float32 else "tf32"
-    args = (
-        a_buf,
-        lo,
-        hi,
-        sx,
-        zx,
-        qsx,
-        qweight,
-        s_w,
-        z_w,
-        qs_w,
-        bias_t if bias_t is not None else dummy_f,
-        t if t is not None else dummy_f,
-        pu if pu is not None else dummy_f,
-        y,
-        m,
-        n,
-        k,
-        (k + 1) // 2,
-        k // 2,
-        half,
-        phi_down.shape[0] if phi_r else 0,
-        stride_am,
-        qweight.stride(0),
-        t.stride(0) if t is not None else 0,
-        pu.stride(0) if pu is not None else 0,
-        y.stride(0),
-        min(triton.next_power_of_2(m), 8192),
-    )
     meta = dict(
         W_BITS=w_bits,
         W_PACKED=w_packed,
@@ -889,12 +899,35 @@ def quantized_linear(
         HAS_BIAS=bias_t is not None,
         PHI_R=phi_r,
         OUT_INT=int_out,
-        DOT_PREC=dot_prec,
+        DOT_PREC="tf32x3" if x2d.dtype == torch.float32 else "tf32",
     )
     # exact quantization needs FMA contraction off where the GEMM quantizes (fused variant)
     opts = {"enable_fp_fusion": a_src != 2}
     if config is None and _INTERPRET:
         config = INTERPRET_CONFIG
+
+    def gemm(staged: tuple | None) -> Tensor:
+        a_buf, sx, zx, qsx, t, half = staged if staged is not None else direct
+        y = torch.empty(m, n, dtype=torch.int32 if int_out else out_dtype, device=dev)
+        args = (
+            a_buf, lo, hi, sx, zx, qsx, qweight, s_w, z_w, qs_w,
+            bias_t if bias_t is not None else dummy_f,
+            t if t is not None else dummy_f,
+            pu if pu is not None else dummy_f,
+            y, m, n, k, (k + 1) // 2, k // 2, half, phi_down.shape[0] if phi_r else 0,
+            a_buf.stride(0), qweight.stride(0), t.stride(0) if t is not None else 0,
+            pu.stride(0) if pu is not None else 0, y.stride(0), min(triton.next_power_of_2(m), 8192),
+        )  # fmt: skip
+        _launch_gemm(args, meta, opts, m, n, a_src, config, dev)
+        if phi_down is not None and not phi_in_kernel:
+            y = _phi_in_torch(y, x2d, lead, a_bits, clip_lo, clip_hi, phi_down, phi_up, tf, out_dtype)
+        return y.reshape(*lead, n)
+
+    return LayerStages(quant, gemm)
+
+
+def _launch_gemm(args: tuple, meta: dict, opts: dict, m: int, n: int, a_src: int, config: dict | None, dev) -> None:
+    """Launch the GEMM of mode `a_src` with fixed tiles (`config`) or through its autotuner."""
     if config is not None:
         cfg = dict(config)
         warps = cfg.pop("num_warps", 4)
@@ -904,21 +937,24 @@ def quantized_linear(
             return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
 
         kernel_for(a_src)[grid](*args, **meta, **cfg, num_warps=warps, num_stages=stages, **opts)
-    else:
-        tuned = _tuned(a_src, _is_hopper(dev.index if dev.index is not None else torch.cuda.current_device()))
+        return
+    tuned = _tuned(a_src, _is_hopper(dev.index if dev.index is not None else torch.cuda.current_device()))
 
-        def grid(meta_: dict) -> tuple[int]:
-            return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
+    def grid(meta_: dict) -> tuple[int]:
+        return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
 
-        tuned[grid](*args, **meta, **opts)
+    tuned[grid](*args, **meta, **opts)
 
-    if phi_down is not None and not phi_in_kernel:
-        x_src = x2d.float()
-        if a_bits is not None:  # x̂ = s_x (q_x - z_x), from the codes
-            q, s, z, _ = quantize_activation(
-                x2d, row_factors(clip_lo, lead, dev), row_factors(clip_hi, lead, dev), a_bits,
-                input_signs=input_signs, rot_block=rot_block, smooth=smooth,
-            )  # fmt: skip
-            x_src = s * (q.float() - z)
-        y = (y.float() + (x_src @ phi_down.float().t()) @ phi_up.float().t()).to(out_dtype)
-    return y.reshape(*lead, n)
+
+def _phi_in_torch(y, x2d, lead, a_bits, clip_lo, clip_hi, phi_down, phi_up, tf, out_dtype) -> Tensor:
+    """Φ ranks above PHI_MAX_RANK (and weight-only Φ): `y + (x̂ Rᵀ) Lᵀ` in float32 PyTorch."""
+    dev = x2d.device
+    x_src = x2d.float()
+    if a_bits is not None:  # x̂ = s_x (q_x - z_x), from the codes
+        signs, rot, smooth = tf
+        q, s, z, _ = quantize_activation(
+            x2d, row_factors(clip_lo, lead, dev), row_factors(clip_hi, lead, dev), a_bits,
+            input_signs=signs, rot_block=rot, smooth=smooth,
+        )  # fmt: skip
+        x_src = s * (q.float() - z)
+    return (y.float() + (x_src @ phi_down.float().t()) @ phi_up.float().t()).to(out_dtype)

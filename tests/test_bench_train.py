@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from qvgen.bench.train import Result, main, table
 
 
+@pytest.mark.slow  # trains three tiny models for a few steps each (~50 s on 2 cores)
 def test_bench_train_reports_time_and_memory_ratios(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--frames", "5", "--height", "64", "--width", "64", "--warmup", "1", "--steps", "2", "--json", str(out)]

@@ -229,3 +229,21 @@ else:
         if a_bits is not None and rank == 0:  # the fused variant has no transform: refused when forced
             with pytest.raises(ValueError, match="no input transform"):
                 call(tk.quantized_linear, x, layer, k, w_bits, a_bits, fused=True, **tf)
+
+    @pytest.mark.parametrize(("m", "k", "n"), [(37, 256, 40), (1, 160, 24), (70, 300, 16)])
+    def test_interp_fp8_gemm_exact(m: int, k: int, n: int) -> None:
+        """The fp8 route: codes as e4m3, fresh partial sums per K step; the integer part bit-identical
+        to the reference's exact dot, the layer output within the fp32 tolerance."""
+        from qvgen_kernels import fp8_gemm
+
+        layer = make_layer(n, k, 4, seed=m)
+        x = _tokens(m, k, seed=k)
+        w8 = fp8_gemm.fp8_weight_codes(layer["qweight"], 4, k)
+        args = (x, w8, layer["w_scale"], layer["w_zero"], layer["w_qsum"], layer["bias"])
+        kw = dict(in_features=k, clip_lo=0.9, clip_hi=0.9)
+        got = fp8_gemm.fp8_linear(*args, **kw, int_out=True)
+        q, _, z, _ = reference.quantize_activation(x, 0.9, 0.9, 4)
+        assert torch.equal(got.long(), reference.integer_dot(q, z, layer["q"], c_w=fp8_gemm.W_CENTER))
+        y = fp8_gemm.fp8_linear(*args, **kw)
+        y_ref = call(reference.quantized_linear, x, layer, k, 4, 4, clip_lo=0.9, clip_hi=0.9, out_dtype=torch.float64)
+        assert_matches(y, y_ref, torch.float32)

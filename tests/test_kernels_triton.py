@@ -12,6 +12,7 @@ GPU tolerance: bf16 outputs, |Δ| ≤ 1.6e-2·|y| + 1e-3·max|y| against the flo
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import qvgen_kernels as qk
@@ -91,12 +92,23 @@ def test_prune_keeps_thin_tiles_for_few_tokens() -> None:
     assert len(many) == len(triton_linear.AMPERE_CONFIGS)
 
 
-def _tiles(cc: int, a_src: int) -> tuple[dict, int, int]:
-    """The first (preferred) autotune tile of this kernel mode on this architecture."""
-    from qvgen_kernels import triton_linear
+def _compile_fitting(fn, types: dict[str, str], constexprs: dict, cc: int, configs, fp_fusion: bool):
+    """Compile the first autotune config (in the autotuner's order) that builds and fits sm_`cc`'s
+    shared memory, as the autotuner on that GPU would. The need depends on the Triton version (its
+    pipeliner decides what it buffers), so it is measured, not assumed; no fitting config fails."""
+    from triton.runtime.errors import OutOfResources
 
-    cfg = triton_linear.configs_for(a_src, cc >= 90)[0]
-    return dict(cfg.kwargs), cfg.num_warps, cfg.num_stages
+    seen = []
+    for cfg in configs:
+        try:
+            k = _compile(fn, types, {**constexprs, **cfg.kwargs}, cc, cfg.num_warps, cfg.num_stages, fp_fusion)
+        except OutOfResources as e:
+            seen.append(f"{cfg.kwargs}: {e}")
+            continue
+        if k.metadata.shared <= SMEM_LIMIT[cc]:
+            return k, cfg
+        seen.append(f"{cfg.kwargs}/{cfg.num_stages} stages: {k.metadata.shared} B")
+    raise AssertionError(f"no autotune config fits sm_{cc} ({SMEM_LIMIT[cc]} B of shared memory): {seen}")
 
 
 @pytest.mark.parametrize("cc", CCS)
@@ -105,18 +117,17 @@ def test_compile_linear(cc: int, name: str, a: str, out: str, ce: dict) -> None:
     from qvgen_kernels import triton_linear
 
     fused = ce["A_SRC"] == 2
-    tiles, warps, stages = _tiles(cc, ce["A_SRC"])
     packed = ce["W_BITS"] <= 4
-    constexprs = {"OUT_INT": False, "DOT_PREC": "tf32x3" if a == "fp32" else "tf32", "W_PACKED": packed, **ce, **tiles}
+    constexprs = {"OUT_INT": False, "DOT_PREC": "tf32x3" if a == "fp32" else "tf32", "W_PACKED": packed, **ce}
     phi = "fp16" if out == "fp16" else "bf16"
-    k = _compile(
-        triton_linear.kernel_for(ce["A_SRC"]), _linear_types(a, out, phi=phi), constexprs, cc, warps, stages, not fused
+    configs = triton_linear.configs_for(ce["A_SRC"], cc >= 90)
+    k, cfg = _compile_fitting(
+        triton_linear.kernel_for(ce["A_SRC"]), _linear_types(a, out, phi=phi), constexprs, cc, configs, not fused
     )
     ptx = k.asm["ptx"]
-    assert k.metadata.shared <= SMEM_LIMIT[cc], f"{name}: {k.metadata.shared} B of shared memory on sm_{cc}"
     if ce["A_SRC"]:
         assert "s32.s8.s8" in ptx, "int8 tensor-core MMA expected"
-        if cc == 90 and tiles["BLOCK_M"] >= 64:
+        if cc == 90 and cfg.kwargs["BLOCK_M"] >= 64:
             assert "wgmma" in ptx
     if fused:  # exact quantization: IEEE division, no contraction, rounding constant kept
         assert "div.rn.f32" in ptx and "fma.rn.f32" not in ptx and "0f4B400000" in ptx
@@ -167,31 +178,121 @@ def test_compile_act_quant_with_transform(cc: int, x: str, layout: int, phi_r: i
         assert "mma" not in ptx  # butterflies, not a dense Hadamard product
 
 
+def sass(kernel) -> str:
+    """The kernel's machine code (SASS), disassembled by the cuobjdump that ships with Triton."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip(f"this Triton build ships no cuobjdump ({tool}); SASS checks need it")
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        return subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+
+
 # (mode A_SRC, compile target): the int8 path's tile lists. sm_89 lowers like sm_80 (mma.sync); only its
 # shared memory is smaller. The fused and weight-only lists' preferred tiles are compiled above; the
 # autotuner skips any other tile that fails to build or to fit.
-SWEEPS = [(1, 90), (1, 80)]
+SWEEPS = [(1, 90, True), (1, 90, False), (1, 80, True), (1, 80, False)]
 
 
-@pytest.mark.parametrize(("a_src", "cc"), SWEEPS)
-def test_compile_every_autotune_config(a_src: int, cc: int) -> None:
-    """Every autotune tile of a mode lowers; the preferred one fits each target's shared memory."""
+@pytest.mark.parametrize(("a_src", "cc", "packed"), SWEEPS)
+def test_compile_every_autotune_config(a_src: int, cc: int, packed: bool) -> None:
+    """Every autotune tile of the int8 path lowers without register spills (local-memory stores in
+    the SASS: the 256×128 and 4-warp 128×128 tiles spilled once), and enough fit each target."""
     from qvgen_kernels import triton_linear
 
-    bits = {"W_BITS": 4, "W_PACKED": True, "A_BITS": 0 if a_src == 0 else 4, "A_SRC": a_src}
+    bits = {"W_BITS": 4, "W_PACKED": packed, "A_BITS": 0 if a_src == 0 else 4, "A_SRC": a_src}
     ce = {**bits, "HAS_BIAS": True, "PHI_R": 0, "OUT_INT": False, "DOT_PREC": "tf32"}
     a = "bf16" if a_src != 1 else "i8"
-    shared = []
+    shared, spills = [], []
     for cfg in triton_linear.configs_for(a_src, cc >= 90):
         k = _compile(
             triton_linear.kernel_for(a_src), _linear_types(a, "bf16"), {**ce, **cfg.kwargs}, cc,
             cfg.num_warps, cfg.num_stages, a_src != 2,
         )  # fmt: skip
         shared.append(k.metadata.shared)
-    targets = [cc] if cc >= 90 else [80, 89]
-    for target in targets:
-        assert shared[0] <= SMEM_LIMIT[target]
+        if "STL" in sass(k):
+            spills.append(cfg)
+    assert not spills, f"register spills on sm_{cc}: {spills}"
+    for target in [cc] if cc >= 90 else [80, 89]:
         assert sum(s <= SMEM_LIMIT[target] for s in shared) >= len(shared) // 2
+
+
+def mma_loop(ptx: str) -> str:
+    """The PTX of the loop that issues the tensor-core MMAs: from the label that opens the block of
+    the first `wgmma.mma_async` to the branch back to it."""
+    import re
+
+    lines = ptx.splitlines()
+    first = next(i for i, line in enumerate(lines) if "wgmma.mma_async" in line)
+    start = max(i for i in range(first) if re.match(r"^\$L__BB\d+_\d+:", lines[i]))
+    label = lines[start].split(":")[0]
+    end = next(i for i in range(first, len(lines)) if re.search(rf"\bbra(\.uni)?\s+{re.escape(label)};", lines[i]))
+    return "\n".join(lines[start : end + 1])
+
+
+def _fp8_types() -> dict[str, str]:
+    types = {n: "i32" for n in ("M", "N", "K", "stride_am", "stride_wn", "stride_ym", "M_BUCKET")}
+    types.update(a_ptr="*fp8e4nv", sx_ptr="*fp32", zx_ptr="*fp32", qsx_ptr="*i32", w_ptr="*fp8e4nv", sw_ptr="*fp32",
+                 zw_ptr="*fp32", bias_ptr="*bf16", y_ptr="*bf16")  # fmt: skip
+    return types
+
+
+def _fp8_compile(cfg):
+    from qvgen_kernels import fp8_gemm
+
+    ce = {"HAS_BIAS": True, "OUT_INT": False, **cfg.kwargs}
+    return _compile(fp8_gemm._fp8_gemm_kernel, _fp8_types(), ce, 90, cfg.num_warps, cfg.num_stages, True)
+
+
+def test_fp8_gemm_lowers_to_pipelined_operands_on_sm90() -> None:
+    """Every fp8 tile: e4m3 wgmma, within the promotion interval, no register spills, fits sm_90, and
+    the MMA loop stores nothing to shared memory (operands arrive by cp.async, no unpacking)."""
+    from qvgen_kernels import fp8_gemm
+
+    for cfg in fp8_gemm.FP8_CONFIGS:
+        assert cfg.kwargs["BLOCK_K"] <= fp8_gemm.PROMOTE_K
+        k = _fp8_compile(cfg)
+        loop = mma_loop(k.asm["ptx"])
+        assert "e4m3.e4m3" in loop and "cp.async" in loop
+        assert "st.shared" not in loop, f"{cfg}: shared-memory stores between MMAs"
+        assert k.metadata.shared <= SMEM_LIMIT[90]
+        assert "STL" not in sass(k), f"{cfg}: register spills"
+
+
+def test_int8_gemm_loop_waits_for_every_mma_on_sm90() -> None:
+    """What issue #13 found, kept as a fact the fp8 route is measured against: Triton lowers the int8
+    GEMM's MMAs without overlap (`wgmma.wait_group 0` in the loop)."""
+    from qvgen_kernels import triton_linear
+
+    cfg = triton_linear.HOPPER_CONFIGS[1]
+    ce = {"W_BITS": 4, "W_PACKED": False, "A_BITS": 4, "A_SRC": 1, "HAS_BIAS": True, "PHI_R": 0, "OUT_INT": False}
+    ce.update(DOT_PREC="tf32", **cfg.kwargs)
+    k = _compile(
+        triton_linear._int_gemm_kernel, _linear_types("i8", "bf16"), ce, 90, cfg.num_warps, cfg.num_stages, True
+    )
+    loop = mma_loop(k.asm["ptx"])
+    assert "s32.s8.s8" in loop and set(re.findall(r"wgmma.wait_group.sync.aligned (\d+)", loop)) == {"0"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Triton 3.9 waits for each fresh fp8 partial sum before promoting it (wait_group 0); keeping one "
+    "MMA group in flight needs two accumulators and an explicit wait(1), i.e. Gluon. Strict: when a Triton "
+    "version pipelines it, this passes and must become a plain test.",
+)
+def test_fp8_gemm_loop_keeps_an_mma_in_flight_on_sm90() -> None:
+    """Target of issue #13: in the MMA loop, every wait leaves ≥ 1 wgmma group in flight (PTX and SASS)."""
+    from qvgen_kernels import fp8_gemm
+
+    k = _fp8_compile(fp8_gemm.FP8_CONFIGS[0])
+    waits = [int(w) for w in re.findall(r"wgmma.wait_group.sync.aligned (\d+)", mma_loop(k.asm["ptx"]))]
+    assert waits and min(waits) >= 1
+    assert "WARPGROUP.DEPBAR.LE gsb0, 0x0" not in sass(k).split("EXIT")[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,3 +320,31 @@ def test_gpu_matches_reference(w_bits: int, a_bits: int | None, m: int, rank: in
         reference.quantized_linear, x, layer, k, w_bits, a_bits, clip_lo=0.9, clip_hi=0.9, out_dtype=torch.float64
     )
     assert_matches(y, y_ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("m", [64, 1000])
+def test_gpu_fp8_gemm_exact_at_worst_case_codes(m: int) -> None:
+    """The fp8 route on the hardware whose accumulator it works around: Wan-14B's longest K, with
+    rows and columns at the code range's ends (|q_x − z_x| = 15, |q_w − 8| = 8: partial sums of
+    15360 per promotion, 1.66M in total) among random ones, bit-identical to the exact integers."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the fp8 GEMM targets sm_90 (wgmma e4m3)")
+    from qvgen_kernels import fp8_gemm
+
+    k, n = 13824, 136
+    layer = make_layer(n, k, 4)
+    layer["q"][0], layer["q"][1] = 0, 15  # q_w − 8 = −8 and +7 everywhere
+    layer["qweight"] = qk.pack_weight(layer["q"], 4)
+    x = torch.randn(m, k)
+    x[0], x[0, 0] = -1.0, 1e-3  # all but one at the minimum: q − z = −15 (z = 15)
+    x[1], x[1, 0] = 1.0, -1e-3  # all but one at the maximum: q − z = +15 (z = 0)
+    dev = {key: (v.cuda() if isinstance(v, torch.Tensor) else v) for key, v in layer.items()}
+    w8 = fp8_gemm.fp8_weight_codes(dev["qweight"], 4, k)
+    args = (x.cuda().bfloat16(), w8, dev["w_scale"], dev["w_zero"], dev["w_qsum"], dev["bias"])
+    got = fp8_gemm.fp8_linear(*args, in_features=k, int_out=True)
+    q, _, z, _ = reference.quantize_activation(x.bfloat16(), 1.0, 1.0, 4)
+    ref = reference.integer_dot(q, z, layer["q"], c_w=fp8_gemm.W_CENTER)
+    assert int(ref.abs().max()) >= 15 * 8 * (k - 1)  # the worst case is really in there
+    assert torch.equal(got.cpu().long(), ref)

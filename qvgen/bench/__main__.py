@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "comfy": "qvgen.bench.comfy",
     "kernels": "qvgen.bench.kernels",
     "train": "qvgen.bench.train",
+    "step": "qvgen.bench.step",
 }
 
 

@@ -11,6 +11,7 @@ Examples:
   python -m qvgen.bench kernels --shapes 1536x1536 --tokens 4096 --min-time 2
   python -m qvgen.bench kernels --transform hadamard  # + rotation in the quantizer; cost vs without
   python -m qvgen.bench kernels --widened             # + weights widened to a byte per code (qvgen.widen)
+  python -m qvgen.bench kernels --device-time --models 1.3b,14b --tokens 32760,8192,512   # issue #13 records
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ HELP = "quantized linear layer vs float matmul over Wan 2.1 layer shapes"
 MODELS = {
     "1.3b": {"dim": 1536, "ffn": 8960, "text": 4096},
     "14b": {"dim": 5120, "ffn": 13824, "text": 4096},
+    "tiny": {"dim": 64, "ffn": 160, "text": 96},  # Wan's layer structure at toy widths (tests, CI)
 }
 WAN_480P_81F_TOKENS = 32760  # 21 latent frames × 30 × 52 patches
 GPU_TOKENS = (WAN_480P_81F_TOKENS, 8192, 512, 16)
@@ -340,6 +342,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bf16", action="store_true", help="CPU: skip the bf16 baseline column")
     p.add_argument("--no-comfy", action="store_true", help="skip comfy-kitchen even if importable")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument(
+        "--device-time",
+        action="store_true",
+        help="issue #13 records: device time (CUDA graphs, L2 flushed), host overhead, quant/GEMM "
+        "split, vendor ceilings, block pairs; CPU: wall time. Writes docs/bench/kernels-<gpu>.json",
+    )
+    p.add_argument("--out", default=None, metavar="PATH", help="--device-time: where to write the records")
+    p.add_argument("--no-blocks", action="store_true", help="--device-time: skip the block pairs")
+    p.add_argument("--no-ceilings", action="store_true", help="--device-time: skip the vendor GEMM ceilings")
+    p.add_argument(
+        "--budget-s", type=float, default=None, help="--device-time: start no new row after this many seconds"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -361,6 +375,10 @@ def run(args: argparse.Namespace) -> int:
     from qvgen.kernels_import import qvgen_kernels as qk
 
     backend = qk.resolve_backend(args.backend, device)
+    if args.device_time:
+        from .kernel_records import run_device_time
+
+        return run_device_time(args, device, cases, tokens, backend)
     label = f"W{args.w_bits}A{args.a_bits or 16}" + (f"+Φ{args.rank}" if args.rank else "")
     label += (f"+{args.transform}" if args.transform != "none" else "") + f" ({backend})"
     info = machine(device)
