@@ -41,6 +41,7 @@ class QVGenConfig:
     num_train_timesteps: int = 1000
     act_fixed_clip: float = 0.95
     act_clip_init: float = 0.95
+    zero_point_grad: str = "ste"  # ste | none: gradient through the activation zero point's rounding
     modules_to_convert: list[str] = field(default_factory=lambda: ["*"])
     modules_to_not_convert: list[str] = field(default_factory=list)
     current_rank: int | None = None
@@ -80,7 +81,13 @@ class QVGenConfig:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ConfigError(f"{name}: expected a value in (0, 1], got {v!r}")
+        from .quantizers import ZERO_POINT_GRADS
         from .transforms import TRANSFORMS
+
+        if self.zero_point_grad not in ZERO_POINT_GRADS:
+            raise ConfigError(
+                f"zero_point_grad: expected one of {list(ZERO_POINT_GRADS)}, got {self.zero_point_grad!r}"
+            )
 
         if self.input_transform not in TRANSFORMS:
             raise ConfigError(f"input_transform: expected one of {list(TRANSFORMS)}, got {self.input_transform!r}")

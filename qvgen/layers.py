@@ -92,7 +92,13 @@ class QVGenLinear(nn.Module):
         else:
             self.weight_quantizer = WeightQuantizer(out_features, in_features, config.weight_bits)
             self.act_quantizer = (
-                ActQuantizer(config.act_bits, config.n_buckets, config.act_fixed_clip, config.act_clip_logit_init)
+                ActQuantizer(
+                    config.act_bits,
+                    config.n_buckets,
+                    config.act_fixed_clip,
+                    config.act_clip_logit_init,
+                    config.zero_point_grad,
+                )
                 if config.act_bits is not None
                 else None
             )
@@ -154,13 +160,20 @@ class QVGenLinear(nn.Module):
         return None if self.smooth_log is None else self.smooth_log.exp()
 
     def transform_input(self, x: Tensor) -> Tensor:
-        """`x Q / s`: the rotation and smoothing the folded weight expects (identity when none)."""
+        """`x Q / s`: the rotation and smoothing the folded weight expects (identity when none).
+
+        Computed in fp32 whatever `x`'s dtype (bf16 under autocast), with the rounding of the kernels'
+        `qvgen_kernels.common.apply_transform`, so training sees the integer codes inference computes.
+        """
         if self.convrot_group:
             return convrot.rotate(x, self.convrot_group)
-        if self.input_signs is not None:
-            x = rotate(x, self.input_signs, self.rot_block)
         s = self.smooth_scale()
-        return x if s is None else x / s.to(x.dtype)
+        if self.input_signs is None and s is None:
+            return x
+        v = x.float()
+        if self.input_signs is not None:
+            v = rotate(v, self.input_signs.float(), self.rot_block)
+        return v if s is None else v / s.float()
 
     def effective_weight(self) -> Tensor:
         """`W Q · s`, the full-precision weight that gets quantized."""
@@ -227,10 +240,11 @@ class QVGenLinear(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
     def quantize_input(self, x: Tensor) -> Tensor:
-        x = self.transform_input(x)
-        if self.act_quantizer is None or not self.quantize_acts:
-            return x
-        return self.act_quantizer(x, _bucket(self.timestep_state))
+        """`x̂`, in `x`'s dtype: transform and quantize in fp32 (as the kernels do), then cast back."""
+        v = self.transform_input(x)
+        if self.act_quantizer is not None and self.quantize_acts:
+            v = self.act_quantizer(v, _bucket(self.timestep_state))
+        return v.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         x_hat = self.quantize_input(x)

@@ -17,6 +17,10 @@ from .kernels_import import qvgen_kernels
 exact_div = qvgen_kernels.common.exact_div
 
 SCALE_MIN = 1e-5
+# How the activation zero point's rounding passes gradient to the clipping logits (and the scale):
+# "ste" straight through (the clipped outliers follow the clip bound), "none" no gradient (the
+# authors' code). See docs/training.md, "The clipping logits' gradient".
+ZERO_POINT_GRADS = ("ste", "none")
 CLIP_RATIOS = tuple(round(1.0 - 0.01 * i, 2) for i in range(80))  # 1.00, 0.99, ..., 0.21
 CLIP_SEARCH_NORM = 2.4
 
@@ -106,32 +110,62 @@ class WeightQuantizer(nn.Module):
         return quantize_weight_int(weight, self.scale.clamp(min=SCALE_MIN), self.zero, self.bits)
 
 
-def act_qparams(x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, bits: int) -> tuple[Tensor, Tensor]:
-    """Per-token scale and integer zero point from the clipped row min/max (fp32)."""
+def act_qparams(
+    x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, bits: int, zero_point_grad: str = "ste"
+) -> tuple[Tensor, Tensor]:
+    """Per-token scale and integer zero point from the clipped row min/max (fp32).
+
+    `zero_point_grad` picks the gradient of `round(-min / s)`: "ste" (identity) or "none" (zero).
+    """
     qmax = 2**bits - 1
     xmin = x.amin(dim=-1, keepdim=True) * clip_lo
     xmax = x.amax(dim=-1, keepdim=True) * clip_hi
     s = exact_div(xmax - xmin, qmax).clamp(min=SCALE_MIN)
-    z = torch.clamp(round_ste(-xmin / s), 0, qmax)
+    if zero_point_grad == "ste":
+        z = torch.clamp(round_ste(-xmin / s), 0, qmax)
+    elif zero_point_grad == "none":
+        z = torch.clamp(torch.round(-xmin.detach() / s.detach()), 0, qmax)
+    else:
+        raise ValueError(f"zero_point_grad: expected one of {list(ZERO_POINT_GRADS)}, got {zero_point_grad!r}")
     return s, z
 
 
-def fake_quant_act(x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, bits: int) -> Tensor:
+def fake_quant_act(
+    x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, bits: int, zero_point_grad: str = "ste"
+) -> Tensor:
     """Dynamic per-token asymmetric fake quantization, STE round, computed in fp32."""
     qmax = 2**bits - 1
     xf = x.float()
-    s, z = act_qparams(xf, clip_lo, clip_hi, bits)
+    s, z = act_qparams(xf, clip_lo, clip_hi, bits, zero_point_grad)
     q = torch.clamp(round_ste(xf / s) + z, 0, qmax)
     return (s * (q - z)).to(x.dtype)
+
+
+def quantize_act_int(x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, bits: int) -> Tensor:
+    """Integer codes (uint8) of `fake_quant_act`, the values the kernels' activation quantization produces."""
+    qmax = 2**bits - 1
+    xf = x.float()
+    s, z = act_qparams(xf, clip_lo, clip_hi, bits)
+    return torch.clamp(torch.round(xf / s) + z, 0, qmax).to(torch.uint8)
 
 
 class ActQuantizer(nn.Module):
     """Per-token dynamic quantizer; one learnable pair of clipping logits per timestep bucket."""
 
-    def __init__(self, bits: int, n_buckets: int, fixed_clip: float = 0.95, logit_init: float = 2.944) -> None:
+    def __init__(
+        self,
+        bits: int,
+        n_buckets: int,
+        fixed_clip: float = 0.95,
+        logit_init: float = 2.944,
+        zero_point_grad: str = "ste",
+    ) -> None:
         super().__init__()
+        if zero_point_grad not in ZERO_POINT_GRADS:
+            raise ValueError(f"zero_point_grad: expected one of {list(ZERO_POINT_GRADS)}, got {zero_point_grad!r}")
         self.bits = bits
         self.fixed_clip = fixed_clip
+        self.zero_point_grad = zero_point_grad
         self.clip_logits = nn.Parameter(torch.full((n_buckets, 2), float(logit_init)))
 
     def clip_factors(self) -> Tensor:
@@ -144,7 +178,13 @@ class ActQuantizer(nn.Module):
 
     def forward(self, x: Tensor, bucket: Tensor | int = 0) -> Tensor:
         lo, hi = self.factors_for(bucket, x)
-        return fake_quant_act(x, lo, hi, self.bits)
+        return fake_quant_act(x, lo, hi, self.bits, self.zero_point_grad)
+
+    @torch.no_grad()
+    def int_codes(self, x: Tensor, bucket: Tensor | int = 0) -> Tensor:
+        """The integer codes `forward` uses (uint8, x's shape)."""
+        lo, hi = self.factors_for(bucket, x)
+        return quantize_act_int(x, lo, hi, self.bits)
 
 
 def select_clip(factors: Tensor, bucket: Tensor | int, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,13 @@ from ..checkpoint import load_quantized_model, save_quantized
 from ..config import QVGenConfig
 from ..convert import convert_model
 from ..decay import RankDecaySchedule
+from ..quantizers import ZERO_POINT_GRADS
 from ..train import LatentDataset, TrainOptions, train
 from . import shapes, teacher, text
 from .evaluate import EvalSet, mse, predictions, velocity_errors
+from .provenance import environment
 from .report import plot_losses, write_comparison_gif
+from .summary import aggregate, table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,10 +70,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=QVGenConfig.smooth_alpha,
         help="SmoothQuant migration strength for the smooth transforms",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        type=_int_list,
+        default=[0],
+        help="comma-separated seeds (data, noise, batch order); with several, each figure is reported as "
+        "mean ± standard deviation, and the pictures come from the first seed",
+    )
+    p.add_argument(
+        "--zero-point-grad",
+        choices=ZERO_POINT_GRADS,
+        default=QVGenConfig.zero_point_grad,
+        help="clip logits' gradient through the activation zero point's rounding (docs/training.md)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not out or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers, got {value!r}")
+    return out
 
 
 def _data(n: int, seed: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -91,6 +117,7 @@ def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
             input_transform=transform,
             train_transform=transform != "none" and args.train_transform,
             smooth_alpha=args.smooth_alpha,
+            zero_point_grad=args.zero_point_grad,
         )
         suffix = "" if transform == "none" else f"+{transform}"
         out[f"PTQ{suffix}"] = QVGenConfig(rank=0, **base)
@@ -121,21 +148,7 @@ def _file_mb(path: Path) -> float:
     return path.stat().st_size / 2**20
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = args.output
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    fp = teacher.load_teacher().eval()
-    _, train_clips, train_text = _data(args.train_clips, args.seed + 1)
-    empty = text.encode_prompts([""])[0]
-    dataset = LatentDataset(list(train_clips), list(train_text), empty)
-    _, eval_clips, eval_text = _data(args.eval_clips, args.seed + 2)
-    ev = EvalSet.build(eval_clips, eval_text)
-    reference = predictions(fp, ev)
-
-    configs = _configs(args)
+def _train_students(fp, configs, dataset, args, seed: int, out: Path):
     students, histories, timings = {}, {}, {}
     for name, cfg in configs.items():
         t0 = time.perf_counter()
@@ -144,11 +157,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             students[name] = student.eval()
         else:
             opts = TrainOptions(
-                output_dir=out / "runs" / name,
+                output_dir=out / "runs" / f"seed{seed}" / name,
                 steps=args.steps,
                 batch_size=args.batch_size,
                 lr=args.lr,
-                seed=args.seed,
+                seed=seed,
                 progress=not args.no_progress,
                 resume=False,
                 checkpoint_every=args.steps,
@@ -156,25 +169,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result = train(fp, cfg, dataset, opts, student=student, device="cpu")
             students[name], histories[name] = result.student, result.history
         timings[name] = round(time.perf_counter() - t0, 1)
+    return students, histories, timings
 
-    metrics: dict[str, Any] = {"methods": {}}
-    for name, model in students.items():
-        m = velocity_errors(model, reference, ev)
-        m["train_seconds"] = timings[name]
-        if name in histories:
-            m["phi_rank_over_training"] = _rank_runs(histories[name])
-            m["final_train_loss"] = histories[name][-1]["loss"]
-        metrics["methods"][name] = m
 
-    # export → reload the QVGen checkpoint and use the packed (integer) model from here on
+def _checkpoint_metrics(student, config: QVGenConfig, fp, ev: EvalSet, reference, out: Path) -> tuple[dict, Any]:
+    """Export → reload the QVGen checkpoint; its size and how closely the packed model follows the student."""
     # fp32 for the few tensors kept in full precision: the reload must reproduce the fake-quant model
-    ckpt = save_quantized(students["QVGen"], configs["QVGen"], out / "qvgen-demo-w4a4.safetensors", dtype=torch.float32)
+    ckpt = save_quantized(student, config, out / "qvgen-demo-w4a4.safetensors", dtype=torch.float32)
     packed = load_quantized_model(ckpt)
     packed_pred = predictions(packed, ev)
-    fake_pred = predictions(students["QVGen"], ev)
+    fake_pred = predictions(student, ev)
     bf16 = out / "teacher-bf16.safetensors"
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in fp.state_dict().items()}, str(bf16))
-    metrics["checkpoint"] = {
+    metrics = {
         "file": ckpt.name,
         "size_mb": round(_file_mb(ckpt), 3),
         "bf16_size_mb": round(_file_mb(bf16), 3),
@@ -184,20 +191,64 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "packed_velocity_mse": mse(packed_pred, reference),
     }
     bf16.unlink()
+    return metrics, packed
 
-    columns, sample_err = _samples(fp, {"PTQ": students["PTQ"], "QAT": students["QAT"], "QVGen": packed}, args)
-    for name, err in sample_err.items():
-        metrics["methods"][name]["sample_mse"] = err
-    write_comparison_gif(out / "comparison.gif", columns)
-    plot_losses(out / "loss_curves.png", histories)
+
+def run_seed(fp, args: argparse.Namespace, seed: int, pictures: bool) -> dict[str, Any]:
+    """One seed: data, students, velocity errors; with `pictures`, also the export check, samples and plots."""
+    out = args.output
+    _, train_clips, train_text = _data(args.train_clips, seed + 1)
+    empty = text.encode_prompts([""])[0]
+    dataset = LatentDataset(list(train_clips), list(train_text), empty)
+    _, eval_clips, eval_text = _data(args.eval_clips, seed + 2)
+    ev = EvalSet.build(eval_clips, eval_text)
+    reference = predictions(fp, ev)
+    configs = _configs(args)
+    students, histories, timings = _train_students(fp, configs, dataset, args, seed, out)
+
+    metrics: dict[str, Any] = {"methods": {}}
+    for name, model in students.items():
+        m = velocity_errors(model, reference, ev)
+        m["train_seconds"] = timings[name]
+        if name in histories:
+            m["phi_rank_over_training"] = _rank_runs(histories[name])
+            m["final_train_loss"] = histories[name][-1]["loss"]
+        metrics["methods"][name] = m
     ptq = metrics["methods"]["PTQ"]["velocity_mse"]
     qvgen = metrics["methods"]["QVGen"]["velocity_mse"]
     for m in metrics["methods"].values():
         m["velocity_mse_vs_ptq"] = round(m["velocity_mse"] / ptq, 4)
         m["velocity_mse_vs_qvgen"] = round(m["velocity_mse"] / qvgen, 4)
-    metrics["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if pictures:
+        metrics["checkpoint"], packed = _checkpoint_metrics(students["QVGen"], configs["QVGen"], fp, ev, reference, out)
+        columns, sample_err = _samples(
+            fp, {"PTQ": students["PTQ"], "QAT": students["QAT"], "QVGen": packed}, seed, args
+        )
+        for name, err in sample_err.items():
+            metrics["methods"][name]["sample_mse"] = err
+        write_comparison_gif(out / "comparison.gif", columns)
+        plot_losses(out / "loss_curves.png", histories)
+    return metrics
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.output.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    fp = teacher.load_teacher().eval()
+    per_seed = {str(seed): run_seed(fp, args, seed, pictures=i == 0) for i, seed in enumerate(args.seeds)}
+    first = per_seed[str(args.seeds[0])]
+    metrics: dict[str, Any] = {
+        "methods": aggregate(per_seed),
+        "checkpoint": first["checkpoint"],
+        "seeds": args.seeds,
+        "per_seed": {s: m["methods"] for s, m in per_seed.items()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "environment": environment(sys.argv[1:] if argv is None else argv),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    (args.output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(summary(metrics))
     return metrics
 
@@ -213,46 +264,34 @@ def _rank_runs(history: list[dict]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _samples(fp, models: dict, args: argparse.Namespace):
-    captions = shapes.sample_captions(args.prompts, seed=args.seed + 3)
+def _samples(fp, models: dict, seed: int, args: argparse.Namespace):
+    captions = shapes.sample_captions(args.prompts, seed=seed + 3)
     emb = text.encode_prompts(captions)
     columns: dict[str, list[torch.Tensor]] = {"FP": []}
     columns.update({k: [] for k in models})
     errors = {k: 0.0 for k in models}
     for i in range(len(captions)):
-        ref = teacher.sample(fp, emb[i : i + 1], seed=args.seed + i, num_steps=args.sample_steps)[0]
+        ref = teacher.sample(fp, emb[i : i + 1], seed=seed + i, num_steps=args.sample_steps)[0]
         columns["FP"].append(ref)
         for name, model in models.items():
-            vid = teacher.sample(model, emb[i : i + 1], seed=args.seed + i, num_steps=args.sample_steps)[0]
+            vid = teacher.sample(model, emb[i : i + 1], seed=seed + i, num_steps=args.sample_steps)[0]
             columns[name].append(vid)
             errors[name] += mse(vid, ref) / len(captions)
     return columns, errors
 
 
-def _fmt(v: float | None) -> str:
-    return "–" if v is None else f"{v:.5f}"
-
-
 def summary(metrics: dict[str, Any]) -> str:
-    lines = [
-        "",
-        "| method | velocity MSE | × PTQ | × QVGen | weight part | activation part | sample MSE |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, m in metrics["methods"].items():
-        lines.append(
-            f"| {name} | {m['velocity_mse']:.5f} | {m['velocity_mse_vs_ptq']:.3f} | {m['velocity_mse_vs_qvgen']:.3f} | "
-            f"{m['velocity_mse_weights_only']:.5f} | {m['velocity_mse_acts_only']:.5f} | {_fmt(m.get('sample_mse'))} |"
-        )
+    seeds = metrics["seeds"]
+    spread = f" (mean ± std over seeds {seeds})" if len(seeds) > 1 else f" (seed {seeds[0]})"
     c = metrics["checkpoint"]
-    lines.append(
+    return (
+        f"\nVelocity MSE against the teacher{spread}\n{table(metrics)}\n"
         f"\nQVGen checkpoint: {c['size_mb']:.2f} MB vs {c['bf16_size_mb']:.2f} MB bf16 "
         f"({c['size_ratio_vs_bf16']:.2f}×); packed vs fake-quant relative error "
         f"{c['packed_vs_fake_quant_rel_err']:.2e}; total {metrics['total_seconds']} s"
     )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(build_parser().parse_args(argv))
+    run(build_parser().parse_args(argv), argv)
     return 0
