@@ -3,7 +3,8 @@
 Where things live:
 - the method: `quantizers` (weight/activation quantizers), `layers` (QVGenLinear training form,
   PackedLinear inference form), `decay` (Φ rank decay), `convert` (model surgery);
-- the format: `checkpoint` (docs/format.md);
+- the format: `packed_layer` (a packed layer's tensors, their dtype rule, `quantize_linear`),
+  `checkpoint` (docs/format.md);
 - ComfyUI's native ConvRot W4A4 scheme: `convrot` (its arithmetic), `comfy_native` (export/load);
 - the doors: `qvgen.train` (QAT CLI), `qvgen.diffusers_backend` (from_pretrained), `qvgen_nodes/`
   (ComfyUI); the kernels live in `kernels/` (package `qvgen_kernels`).

@@ -242,7 +242,7 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
                     b = f(b)
                 layer._parameters["bias"] = b
             y = PackedLinear.forward(layer, x)
-            delta = self._patch_delta(layer.weight, x.device)
+            delta = self._patch_delta(self.weight, x.device)  # the original: its identity keys the cache
             if delta is not None and delta.numel():
                 y = y + apply_delta(x, delta, self.out_features)
             return y

@@ -71,7 +71,7 @@ LOADER = NodeSpec(
         "MODEL: ComfyUI's own Wan model with QVGen's packed layers, so ModelSamplingSD3, KSampler, LoRA loaders "
         "and memory management (offload, --lowvram) work as with UNETLoader. Pick a checkpoint from "
         "models/diffusion_models, or type a Hugging Face repo id to download one there (used offline once "
-        "downloaded)."
+        "downloaded); the paper authors' checkpoints (Harahan/QVGen-Wan-1_3B-W4A4) are converted once."
     ),
     inputs=[
         Input(
