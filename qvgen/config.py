@@ -13,7 +13,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 2  # 2: the `scheme` field (version-1 configs have none and are read as "qvgen")
+# 2: the `scheme` field (version-1 configs have none and are read as "qvgen"); 3: the input-transform
+# fields and tensors (`input_signs`, `smooth`) and `zero_point_grad` (older files have none: no transform)
+FORMAT_VERSION = 3
 QUANT_METHOD = "qvgen"
 # qvgen: the paper's asymmetric W{b}A{b} with learned clipping (QVGen's own packed format);
 # convrot_w4a4: ComfyUI's native ConvRot arithmetic (qvgen/convrot.py), exported in ComfyUI's format.

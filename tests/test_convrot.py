@@ -32,7 +32,7 @@ from qvgen import (
     save_quantized,
 )
 from qvgen.comfy_native import ComfyNativeError, read_comfy_native
-from qvgen.config import ConfigError
+from qvgen.config import FORMAT_VERSION, ConfigError
 
 CFG = dict(scheme="convrot_w4a4", rank=0)
 
@@ -346,7 +346,7 @@ def test_old_version1_checkpoint_without_scheme_still_loads(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
     q = json.loads(meta["quantization_config"])
-    assert q["format_version"] == 2 and q["scheme"] == "qvgen"
+    assert q["format_version"] == FORMAT_VERSION and q["scheme"] == "qvgen"
     del q["scheme"]
     q["format_version"] = 1  # exactly what an older release wrote
     meta["quantization_config"] = json.dumps(q)
