@@ -56,12 +56,13 @@ else:
             x[5] = 1e20 * torch.randn(k, generator=g)  # huge activations (exact-comparison tests only)
         return x.to(dtype)
 
+    @pytest.mark.parametrize("one_sweep", [True, False], ids=["one-sweep", "two-sweep"])
     @pytest.mark.parametrize("bits", [2, 4, 8])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-    def test_interp_quantize_exact(bits: int, dtype: torch.dtype) -> None:
+    def test_interp_quantize_exact(bits: int, dtype: torch.dtype, one_sweep: bool) -> None:
         x = _tokens(37, 300, dtype, huge=dtype == torch.float32).reshape(1, 37, 300)
         for lo, hi in [(0.9025, 0.9025), (torch.rand(1, 37) * 0.3 + 0.6, 1.0), (torch.rand(1, 1) + 0.2, 0.5)]:
-            got = tk.quantize_activation(x, lo, hi, bits)
+            got = tk.quantize_activation(x, lo, hi, bits, one_sweep=one_sweep)
             ref = reference.quantize_activation(x, lo, hi, bits)
             for g, r in zip(got, ref, strict=True):
                 assert g.dtype == r.dtype and g.shape == r.shape
@@ -197,13 +198,15 @@ else:
         ("both", 256, 512),
     ]
 
+    @pytest.mark.parametrize("one_sweep", [True, False], ids=["one-sweep", "two-sweep"])
     @pytest.mark.parametrize(("kind", "block", "k"), INTERP_TRANSFORMS)
-    def test_interp_transform_quantize_exact(kind: str, block: int, k: int) -> None:
-        """Codes, scales, zeros and sums equal the reference bit for bit (same fp32 operations)."""
+    def test_interp_transform_quantize_exact(kind: str, block: int, k: int, one_sweep: bool) -> None:
+        """Codes, scales, zeros and sums equal the reference bit for bit (same fp32 operations),
+        with the row read and transformed once (one sweep) or twice (two sweeps over K)."""
         tf = transform_args(k, kind, block, seed=k)
         x = _tokens(37, k, torch.bfloat16 if kind == "both" else torch.float32, seed=block)
         lo = torch.rand(37) * 0.3 + 0.6
-        got = tk.quantize_activation(x, lo, 0.9, 4, **tf)
+        got = tk.quantize_activation(x, lo, 0.9, 4, **tf, one_sweep=one_sweep)
         ref = reference.quantize_activation(x, lo, 0.9, 4, **tf)
         for g, r in zip(got, ref, strict=True):
             assert g.dtype == r.dtype and g.shape == r.shape
