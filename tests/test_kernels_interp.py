@@ -250,3 +250,25 @@ else:
         y = fp8_gemm.fp8_linear(*args, **kw)
         y_ref = call(reference.quantized_linear, x, layer, k, 4, 4, clip_lo=0.9, clip_hi=0.9, out_dtype=torch.float64)
         assert_matches(y, y_ref, torch.float32)
+
+    def test_interp_bench_fp8_variant_matches_w4a4() -> None:
+        """`bench step --variants w4a4-fp8`: the reduced Wan with its PackedLinears on the fp8 GEMM
+        gives the W4A4 model's output (same integers; epilogue rounding and bf16 activations differ,
+        so the relative L2 gap is bounded as in test_gpu.py: ≤ 1e-2, a wrong zero point gives > 1e-1)."""
+        pytest.importorskip("diffusers")
+        from qvgen.bench.step import CASES, WAN_CONFIGS, Fp8Linear, build_model
+
+        cpu = torch.device("cpu")
+        torch.manual_seed(0)
+        ref_model = build_model("reduced", "w4a4", cpu, torch.float32)
+        torch.manual_seed(0)
+        fp8_model = build_model("reduced", "w4a4-fp8", cpu, torch.float32)
+        assert sum(isinstance(m, Fp8Linear) for m in fp8_model.modules()) >= 20  # 10 per block, 2 blocks
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 16, *CASES["cpu"], generator=g)
+        e = torch.randn(1, 8, WAN_CONFIGS["reduced"]["text_dim"], generator=g)
+        t = torch.tensor([500.0])
+        with torch.inference_mode():
+            ref = ref_model(x, t, e, return_dict=False)[0]
+            got = fp8_model(x, t, e, return_dict=False)[0]
+        assert float((got - ref).norm() / ref.norm()) <= 1e-2

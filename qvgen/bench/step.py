@@ -104,8 +104,48 @@ def _fill(model: nn.Module) -> None:
             p.fill_(1.0)
 
 
+class Fp8Linear(nn.Module):
+    """Bench only: a `PackedLinear` run on the experimental fp8 GEMM (`qvgen_kernels.fp8_gemm`),
+    weights held as e4m3 codes (one byte each). The bench's layers share one clip pair in every
+    timestep bucket, so the clip is a constant here; no Φ, no input transform."""
+
+    def __init__(self, packed: nn.Module) -> None:
+        from qvgen_kernels import fp8_gemm
+
+        super().__init__()
+        self.in_features, self.act_bits = packed.in_features, packed.act_bits
+        for name in ("weight_scale", "weight_zero", "weight_qsum", "bias"):  # a float parameter first:
+            setattr(self, name, getattr(packed, name))  # diffusers reads a module's dtype from it
+        self.w8 = nn.Parameter(fp8_gemm.fp8_weight_codes(packed.qweight, 4, packed.in_features), requires_grad=False)
+        self.clip = (float(packed.act_clip[0, 0]), float(packed.act_clip[0, 1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from qvgen_kernels import fp8_gemm
+
+        lo, hi = self.clip
+        return fp8_gemm.fp8_linear(
+            x, self.w8, self.weight_scale, self.weight_zero, self.weight_qsum, self.bias,
+            in_features=self.in_features, a_bits=self.act_bits, clip_lo=lo, clip_hi=hi,
+        )  # fmt: skip
+
+
+def _to_fp8_layers(net: nn.Module) -> int:
+    """Swap every eligible `PackedLinear` (W≤4A≤4, rank 0, no transform) for an `Fp8Linear`."""
+    from qvgen import PackedLinear
+
+    swapped = 0
+    for name, m in list(net.named_modules()):
+        ok = isinstance(m, PackedLinear) and m.weight_bits <= 4 and m.act_bits is not None and m.act_bits <= 4
+        if ok and m.rank == 0 and m.input_signs is None and m.smooth is None:
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, child, Fp8Linear(m))
+            swapped += 1
+    return swapped
+
+
 def build_model(model: str, variant: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Wan 2.1 with random weights, bf16 or W4A4 (`PackedLinear` everywhere QVGen quantizes)."""
+    """Wan 2.1 with random weights: `bf16`, `w4a4` (`PackedLinear` everywhere QVGen quantizes) or
+    `w4a4-fp8` (those layers on the experimental fp8 GEMM; CUDA sm_90 only)."""
     from accelerate import init_empty_weights
     from diffusers import WanTransformer3DModel
 
@@ -120,12 +160,14 @@ def build_model(model: str, variant: str, device: torch.device, dtype: torch.dty
     for name, module in net.named_modules():  # as diffusers' from_pretrained(torch_dtype=...) does
         if any(k in name.split(".") for k in keep):
             module.float()
-    if variant == "w4a4":
+    if variant.startswith("w4a4"):
         build_packed_model(net, QVGenConfig(rank=0), dtype=dtype, device="meta")
     net.to_empty(device=device)
     for n, b in buffers.items():
         net.get_buffer(n).copy_(b)
     _fill(net)
+    if variant == "w4a4-fp8":
+        _to_fp8_layers(net)
     return net.eval()
 
 
@@ -196,7 +238,7 @@ def run_rows(args, device: torch.device) -> tuple[list[dict], list[dict]]:
     skipped: list[dict] = []
     t_start = time.perf_counter()
     for model_name in args.models:
-        nets = {v: build_model(model_name, v, device, dtype) for v in ("bf16", "w4a4")}
+        nets = {v: build_model(model_name, v, device, dtype) for v in args.variants}
         text_dim = _config(model_name)["text_dim"]
         for case_name in args.cases:
             case = CASES[case_name]
@@ -258,6 +300,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-8bit", type=_list, default=None,
                    help=f"diffusers attention backends for the 8-bit rows (default: {','.join(ATTENTION_8BIT[:1])}; "
                         "none to skip)")  # fmt: skip
+    p.add_argument("--variants", type=_list, default=["bf16", "w4a4"],
+                   help="bf16, w4a4, w4a4-fp8 (the experimental fp8 GEMM, sm_90); bf16 is the baseline")  # fmt: skip
     p.add_argument("--reps", type=int, default=2, help="timed steps per row (median)")
     p.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds")
     p.add_argument("--out", default=None, metavar="PATH", help="records JSON (default docs/bench/step-<gpu>.json)")
