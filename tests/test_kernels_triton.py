@@ -267,8 +267,9 @@ def test_fp8_gemm_lowers_to_pipelined_operands_on_sm90() -> None:
 
 
 def test_int8_gemm_loop_waits_for_every_mma_on_sm90() -> None:
-    """What issue #13 found, kept as a fact the fp8 route is measured against: Triton lowers the int8
-    GEMM's MMAs without overlap (`wgmma.wait_group 0` in the loop)."""
+    """What issue #13 found, the reason for the fp8 route: Triton lowers the int8 GEMM's MMAs without
+    overlap (`wgmma.wait_group 0` in the loop). When this fails, a Triton upgrade overlaps int8 MMAs:
+    re-measure the int8 GEMM against the fp8 route (`bench kernels --device-time`), then drop this."""
     from qvgen_kernels import triton_linear
 
     cfg = triton_linear.HOPPER_CONFIGS[1]
