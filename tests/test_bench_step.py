@@ -51,6 +51,11 @@ def test_step_records_on_cpu(tmp_path, capsys) -> None:
     except ImportError:
         assert {s["attention"] for s in data["skipped"]} == {"sage"}
         assert all("sage" in s["reason"].lower() for s in data["skipped"])
+    # a second invocation (bench_gpu.sh: one per model) adds its run and rows to the same file
+    assert main(["step", "--device", "cpu", "--reps", "1", "--variants", "bf16", "--attention-8bit", "none",
+                 "--out", str(out), "--append"]) == 0  # fmt: skip
+    both = json.loads(out.read_text())
+    assert len(both["runs"]) == 2 and both["records"][: len(recs)] == recs and len(both["records"]) == len(recs) + 1
 
 
 def test_w4a4_model_quantizes_every_block_linear_and_runs() -> None:

@@ -223,7 +223,7 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_rows(args, device: torch.device) -> tuple[list[dict], list[dict]]:
+def run_rows(args, device: torch.device, on_row=None) -> tuple[list[dict], list[dict]]:
     """All (model, case, variant, attention) rows; returns (records, skipped with reasons).
 
     Both variants of a model are built first and stay resident, so that a time budget cuts whole
@@ -263,17 +263,24 @@ def run_rows(args, device: torch.device) -> tuple[list[dict], list[dict]]:
                     rec = {**row, "step_ms": ms, "peak_gib": peak, "weights_gib": w_gib}
                     rec.update(env, timing="events" if device.type == "cuda" else "wall")
                     records.append(rec)
+                    if on_row is not None:  # e.g. save: a run stopped by a time limit keeps its rows
+                        _speedups(records)
+                        on_row(records, skipped)
                     print(f"  {model_name} {case_name} ({rec['tokens']} tokens) {variant} {attention}: "
                           f"{ms:.1f} ms/step, weights {w_gib:.2f} GiB", flush=True)  # fmt: skip
         del nets
         _free(device)
-    base = {
-        (r["model"], r["case"]): r["step_ms"] for r in records if r["variant"] == "bf16" and r["attention"] == "native"
-    }
+    _speedups(records)
+    return records, skipped
+
+
+def _speedups(records: list[dict]) -> None:
+    """`speedup_vs_bf16` of every row: against the bf16 row with native attention of its model and case."""
+    bf16 = [r for r in records if r["variant"] == "bf16" and r["attention"] == "native"]
+    base = {(r["model"], r["case"]): r["step_ms"] for r in bf16}
     for r in records:
         b = base.get((r["model"], r["case"]))
         r["speedup_vs_bf16"] = b / r["step_ms"] if b else None
-    return records, skipped
 
 
 def markdown(records: list[dict]) -> str:
@@ -322,24 +329,29 @@ def run(args: argparse.Namespace) -> int:
     args.cases = args.cases or (["short", "480p", "720p"] if gpu else ["cpu"])
     eight = args.attention_8bit if args.attention_8bit is not None else list(ATTENTION_8BIT[:1])
     args.attention_8bit = [] if eight == ["none"] else eight
+    out = args.out or os.path.join("docs", "bench", f"step-{gpu_slug(device)}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    earlier = {"runs": [], "records": [], "skipped": []}
+    if args.append and os.path.exists(out):  # several invocations (e.g. one per model) into one file
+        with open(out) as fh:
+            earlier = json.load(fh)
+        if earlier.get("schema") != SCHEMA:
+            raise SystemExit(f"--append: {out} holds schema {earlier.get('schema')!r}, not {SCHEMA!r}")
+
+    def save(records: list[dict], skipped: list[dict]) -> None:
+        payload = {"schema": SCHEMA, "runs": earlier["runs"] + [config], "records": earlier["records"] + records}
+        payload["skipped"] = earlier["skipped"] + skipped
+        with open(out, "w") as fh:
+            json.dump(payload, fh, indent=2)
+
     t0 = time.perf_counter()
-    records, skipped = run_rows(args, device)
+    records, skipped = run_rows(args, device, save)
+    save(records, skipped)
     print()
     print(markdown(records))
     for s in skipped:
         print(f"skipped: {s}")
     print(f"\n({time.perf_counter() - t0:.1f} s)")
-    out = args.out or os.path.join("docs", "bench", f"step-{gpu_slug(device)}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    runs = [config]
-    if args.append and os.path.exists(out):  # several invocations (e.g. one per model) into one file
-        with open(out) as fh:
-            old = json.load(fh)
-        if old.get("schema") != SCHEMA:
-            raise SystemExit(f"--append: {out} holds schema {old.get('schema')!r}, not {SCHEMA!r}")
-        records, skipped, runs = old["records"] + records, old["skipped"] + skipped, old["runs"] + runs
-    with open(out, "w") as fh:
-        json.dump({"schema": SCHEMA, "runs": runs, "records": records, "skipped": skipped}, fh, indent=2)
     print(f"wrote {out}")
     return 0
