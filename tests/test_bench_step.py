@@ -58,6 +58,15 @@ def test_step_records_on_cpu(tmp_path, capsys) -> None:
     assert len(both["runs"]) == 2 and both["records"][: len(recs)] == recs and len(both["records"]) == len(recs) + 1
 
 
+def test_weights_only_on_meta(capsys) -> None:
+    """`--weights-only`: both variants' weight memory without allocating (meta device)."""
+    assert main(["step", "--weights-only", "--models", "reduced"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("reduced bf16: weights") and "× bf16" in lines[1]
+    ratio = float(lines[1].split("(")[1].split("×")[0])
+    assert 0 < ratio < 1
+
+
 def test_w4a4_model_quantizes_every_block_linear_and_runs() -> None:
     from qvgen import PackedLinear
 

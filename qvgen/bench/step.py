@@ -274,6 +274,18 @@ def run_rows(args, device: torch.device, on_row=None) -> tuple[list[dict], list[
     return records, skipped
 
 
+def print_weights(models: list[str], variants: list[str]) -> int:
+    """Weight memory of each variant, from models built on the meta device (shapes and dtypes only)."""
+    meta = torch.device("meta")
+    for model in models:
+        sizes = {v: weights_gib(build_model(model, v, meta, torch.bfloat16)) for v in variants if v != "w4a4-fp8"}
+        base = sizes.get("bf16")
+        for v, gib in sizes.items():
+            ratio = f" ({gib / base:.3f}× bf16)" if base else ""
+            print(f"{model} {v}: weights {gib:.2f} GiB{ratio}")
+    return 0
+
+
 def _speedups(records: list[dict]) -> None:
     """`speedup_vs_bf16` of every row: against the bf16 row with native attention of its model and case."""
     bf16 = [r for r in records if r["variant"] == "bf16" and r["attention"] == "native"]
@@ -313,6 +325,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds")
     p.add_argument("--out", default=None, metavar="PATH", help="records JSON (default docs/bench/step-<gpu>.json)")
     p.add_argument("--append", action="store_true", help="add to the records already in --out")
+    p.add_argument("--weights-only", action="store_true",
+                   help="print the weight memory of each variant (meta device: no GPU), then exit")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -327,6 +341,8 @@ def run(args: argparse.Namespace) -> int:
     gpu = device.type == "cuda"
     args.models = args.models or (["1.3b", "14b"] if gpu else ["reduced"])
     args.cases = args.cases or (["short", "480p", "720p"] if gpu else ["cpu"])
+    if args.weights_only:
+        return print_weights(args.models, args.variants)
     eight = args.attention_8bit if args.attention_8bit is not None else list(ATTENTION_8BIT[:1])
     args.attention_8bit = [] if eight == ["none"] else eight
     out = args.out or os.path.join("docs", "bench", f"step-{gpu_slug(device)}.json")
