@@ -43,6 +43,7 @@ def test_step_records_on_cpu(tmp_path, capsys) -> None:
         assert r["model"] == "reduced" and r["tokens"] == tokens_of(CASES["cpu"]) and r["gpu"] == "cpu"
         assert r["step_ms"] > 0 and r["speedup_vs_bf16"] > 0 and r["peak_gib"] is None
     bf16, w4a4 = recs[0], recs[1]
+    assert bf16["sdpa_kernel"] in (None, "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION")
     assert data["runs"][0]["models"] == ["reduced"]
     assert bf16["speedup_vs_bf16"] == 1.0 and w4a4["weights_gib"] < bf16["weights_gib"]
     # an 8-bit attention backend that is not installed is a skipped row with its reason, not a failure

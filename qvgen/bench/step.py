@@ -180,6 +180,19 @@ def set_attention(model: nn.Module, backend: str) -> None:
     model.set_attention_backend(backend)
 
 
+def sdpa_kernel(model: str, tokens: int, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The kernel torch's SDPA picks for this model's self-attention (what `native` runs), e.g.
+    FLASH_ATTENTION or CUDNN_ATTENTION; None where torch does not say."""
+    cfg = _config(model)
+    try:
+        from torch.nn.attention import SDPBackend
+
+        q = torch.empty(1, cfg["num_attention_heads"], tokens, cfg["attention_head_dim"], device=device, dtype=dtype)
+        return SDPBackend(torch._fused_sdp_choice(q, q, q, None, 0.0, False)).name
+    except Exception:  # private API: absent or changed
+        return None
+
+
 def time_step(model: nn.Module, case: tuple, device: torch.device, dtype: torch.dtype, reps: int, text_dim: int):
     """(median step ms, GiB the step allocates above what was in use, or None on CPU): one warm-up
     pass (autotuning, lazy init), then `reps` timed steps."""
@@ -261,6 +274,8 @@ def run_rows(args, device: torch.device, on_row=None) -> tuple[list[dict], list[
                     w_gib = weights_gib(net)
                     peak = None if extra is None else w_gib + extra
                     rec = {**row, "step_ms": ms, "peak_gib": peak, "weights_gib": w_gib}
+                    if attention == "native":  # name what torch runs under diffusers' `native`
+                        rec["sdpa_kernel"] = sdpa_kernel(model_name, rec["tokens"], device, dtype)
                     rec.update(env, timing="events" if device.type == "cuda" else "wall")
                     records.append(rec)
                     if on_row is not None:  # e.g. save: a run stopped by a time limit keeps its rows
