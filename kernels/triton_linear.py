@@ -190,6 +190,7 @@ def _act_quant_kernel(
     LOG2: tl.constexpr = 0,
     SQRT_B: tl.constexpr = 1.0,
     SMOOTH: tl.constexpr = False,
+    ONE_SWEEP: tl.constexpr = False,  # BLOCK_K ≥ K: the row is read (and transformed) once, kept in registers
 ):
     QMAX: tl.constexpr = 2**BITS - 1
     TRANSFORM: tl.constexpr = ROT > 0 or SMOOTH
@@ -198,7 +199,14 @@ def _act_quant_kernel(
     row_mask = rows < M
     lo = tl.load(lo_ptr + rows, mask=row_mask, other=1.0)
     hi = tl.load(hi_ptr + rows, mask=row_mask, other=1.0)
-    if TRANSFORM:  # the transform is recomputed in the second sweep (registers, not a buffer)
+    if ONE_SWEEP:
+        cols0 = tl.arange(0, BLOCK_K)
+        m0 = row_mask[:, None] & (cols0[None, :] < K)
+        x_off0 = rows.to(tl.int64) * stride_xm
+        xrow = _load_x(x_ptr, x_off0, cols0, m0, sg_ptr, sm_ptr, K, ROT, LOG2, SQRT_B, SMOOTH, BLOCK_M, BLOCK_K)
+        rmin = tl.min(tl.where(m0, xrow, float("inf")), axis=1)
+        rmax = tl.max(tl.where(m0, xrow, float("-inf")), axis=1)
+    elif TRANSFORM:  # the transform is recomputed in the second sweep (registers, not a buffer)
         rmin = tl.full([BLOCK_M], float("inf"), tl.float32)
         rmax = tl.full([BLOCK_M], float("-inf"), tl.float32)
         x_off0 = rows.to(tl.int64) * stride_xm
@@ -223,7 +231,10 @@ def _act_quant_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         m = row_mask[:, None] & (cols[None, :] < K)
-        xt = _load_x(x_ptr, x_off, cols, m, sg_ptr, sm_ptr, K, ROT, LOG2, SQRT_B, SMOOTH, BLOCK_M, BLOCK_K)
+        if ONE_SWEEP:  # a single iteration (k0 = 0) over the row already in registers
+            xt = xrow
+        else:
+            xt = _load_x(x_ptr, x_off, cols, m, sg_ptr, sm_ptr, K, ROT, LOG2, SQRT_B, SMOOTH, BLOCK_M, BLOCK_K)
         q = tl.where(m, _quantize(xt, s, z, QMAX), 0.0)
         qsum += tl.sum(q.to(tl.int32), axis=1)
         if LAYOUT == 0:
@@ -571,7 +582,7 @@ HOPPER_CONFIGS = [
     _cfg(64, 128, 128, 4, 4),
     _cfg(128, 64, 256, 4, 3),
     _cfg(32, 64, 256, 4, 3),
-    _cfg(16, 128, 256, 4, 3),
+    _cfg(16, 128, 256, 8, 3),  # 4 warps spilled with widened weights (Triton 3.6)
 ]
 # Ampere / Ada (sm_80, sm_86, sm_89): mma.sync m16n8k32 int8; 100–164 KB of shared memory. A 128×128
 # int32 accumulator takes 128 registers per thread with 4 warps and spilled (Triton 3.9, sm_80), so
@@ -650,10 +661,27 @@ def _phi_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
+ONE_SWEEP_ELEMS = 16384  # row tile held in registers: 64 KB of fp32 over 8 warps = 64 registers a thread
+
+
 def quant_block(k: int, block_k: int | None = None) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_K) of the quantization kernel: 16 rows, K in steps of up to 256."""
+    """(BLOCK_M, BLOCK_K) of the two-sweep quantization kernel: 16 rows, K in steps of up to 256."""
     bk = block_k or min(256, max(16, triton.next_power_of_2(k)))
     return 16, bk
+
+
+def one_sweep_block(k: int, rot: int = 0, layout: int = 1) -> tuple[int, int] | None:
+    """(BLOCK_M, BLOCK_K = next_pow2(K)) when whole rows fit the register tile, else None.
+
+    One sweep reads x once (and applies the input transform once) instead of twice: the pass is
+    memory-bound, so it should take about half the time (issue #13; to be measured on a GPU).
+    The in-register Hadamard butterflies and the fp8 stores need twice the room (16384-element
+    tiles spilled on sm_90, Triton 3.9)."""
+    elems = ONE_SWEEP_ELEMS // 2 if rot > 1 or layout == 3 else ONE_SWEEP_ELEMS
+    bk = max(16, triton.next_power_of_2(k))
+    if bk > elems:
+        return None
+    return min(16, elems // bk), bk
 
 
 def _launch_quant(
@@ -665,8 +693,12 @@ def _launch_quant(
     phi_down: Tensor | None = None,
     block: tuple[int, int] | None = None,
     transform: tuple[Tensor | None, int, Tensor | None] = (None, 0, None),
+    one_sweep: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, int]:
     """Run `_act_quant_kernel`; returns (q buffer, scale, zero, qsum, t, HALF).
+
+    One sweep (whole rows in registers) whenever K allows it and neither `block` nor Φ is given;
+    `one_sweep` forces it on (error if impossible) or off (tests, benchmarks).
 
     `transform` = (signs float32 or None, rot_block, smooth float32 or None), from `check_transform`.
     """
@@ -689,12 +721,17 @@ def _launch_quant(
         phi_r = _phi_pad(rank)
         t = torch.empty(m, phi_r, dtype=torch.float32, device=dev)
         phi_down = phi_down.contiguous()
-    bm, bk = block or quant_block(k)
-    if phi_r and bm < 16:
-        raise ValueError("Φ's dot needs BLOCK_M ≥ 16")
     signs, rot, smooth = transform
     if signs is None:
         rot = 0
+    one = one_sweep_block(k, rot, layout) if block is None and not phi_r and one_sweep is not False else None
+    if one_sweep and one is None:
+        raise ValueError(
+            f"one sweep needs K ≤ {ONE_SWEEP_ELEMS} (½ with rotation or fp8) and no Φ (K={k}, rank {rank})"
+        )
+    bm, bk = one or block or quant_block(k)
+    if phi_r and bm < 16:
+        raise ValueError("Φ's dot needs BLOCK_M ≥ 16")
     if rot and bk % rot:
         raise ValueError(f"BLOCK_K={bk} must be a multiple of the Hadamard block {rot}")
     log2 = rot.bit_length() - 1 if rot else 0
@@ -729,7 +766,8 @@ def _launch_quant(
         LOG2=log2,
         SQRT_B=sqrt_b,
         SMOOTH=smooth is not None,
-        num_warps=4,
+        ONE_SWEEP=one is not None,
+        num_warps=8 if one is not None else 4,
         enable_fp_fusion=False,
     )
     return q, scale, zero, qsum, t, half
@@ -750,6 +788,7 @@ def quantize_activation(
     rot_block: int = 0,
     smooth: Tensor | None = None,
     block: tuple[int, int] | None = None,
+    one_sweep: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The public `quantize_activation` on the Triton kernel (uint8 codes, natural layout)."""
     check_act_bits(bits)
@@ -760,7 +799,7 @@ def quantize_activation(
     lo = row_factors(clip_lo, lead, x.device)
     hi = row_factors(clip_hi, lead, x.device)
     tf = check_transform(k, input_signs, rot_block, smooth, x.device)
-    q, s, z, qsum, _, _ = _launch_quant(x2d, lo, hi, bits, layout=0, block=block, transform=tf)
+    q, s, z, qsum, _, _ = _launch_quant(x2d, lo, hi, bits, layout=0, block=block, transform=tf, one_sweep=one_sweep)
     stat = (*lead, 1)
     return q.reshape(x.shape), s.reshape(stat), z.reshape(stat), qsum.reshape(stat)
 

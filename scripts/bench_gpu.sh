@@ -69,7 +69,7 @@ if [ $HAVE_DIFFUSERS = 1 ]; then
         part "bench step (quick)" 100 "$PY" -m qvgen.bench step --models 1.3b --cases short --reps 1 --out "$STEP_JSON"
     else
         part "bench step 1.3B" 100 "$PY" -m qvgen.bench step --models 1.3b --cases 480p,short,720p --reps 2 \
-            --budget-s 60 --out "$STEP_JSON" --append
+            --variants bf16,w4a4,w4a4-fp8 --budget-s 60 --out "$STEP_JSON" --append
         part "bench step 14B" 150 "$PY" -m qvgen.bench step --models 14b --cases 720p,480p --reps 1 \
             --budget-s 90 --out "$STEP_JSON" --append
     fi

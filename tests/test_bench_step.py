@@ -43,6 +43,7 @@ def test_step_records_on_cpu(tmp_path, capsys) -> None:
         assert r["model"] == "reduced" and r["tokens"] == tokens_of(CASES["cpu"]) and r["gpu"] == "cpu"
         assert r["step_ms"] > 0 and r["speedup_vs_bf16"] > 0 and r["peak_gib"] is None
     bf16, w4a4 = recs[0], recs[1]
+    assert bf16["sdpa_kernel"] in (None, "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION")
     assert data["runs"][0]["models"] == ["reduced"]
     assert bf16["speedup_vs_bf16"] == 1.0 and w4a4["weights_gib"] < bf16["weights_gib"]
     # an 8-bit attention backend that is not installed is a skipped row with its reason, not a failure
@@ -51,6 +52,20 @@ def test_step_records_on_cpu(tmp_path, capsys) -> None:
     except ImportError:
         assert {s["attention"] for s in data["skipped"]} == {"sage"}
         assert all("sage" in s["reason"].lower() for s in data["skipped"])
+    # a second invocation (bench_gpu.sh: one per model) adds its run and rows to the same file
+    assert main(["step", "--device", "cpu", "--reps", "1", "--variants", "bf16", "--attention-8bit", "none",
+                 "--out", str(out), "--append"]) == 0  # fmt: skip
+    both = json.loads(out.read_text())
+    assert len(both["runs"]) == 2 and both["records"][: len(recs)] == recs and len(both["records"]) == len(recs) + 1
+
+
+def test_weights_only_on_meta(capsys) -> None:
+    """`--weights-only`: both variants' weight memory without allocating (meta device)."""
+    assert main(["step", "--weights-only", "--models", "reduced"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("reduced bf16: weights") and "× bf16" in lines[1]
+    ratio = float(lines[1].split("(")[1].split("×")[0])
+    assert 0 < ratio < 1
 
 
 def test_w4a4_model_quantizes_every_block_linear_and_runs() -> None:

@@ -392,3 +392,32 @@ def test_transform_argument_errors() -> None:
         qk.quantize_activation(x, 1.0, 1.0, 4, input_signs=s)
     with pytest.raises(ValueError, match="smooth must have"):
         qk.quantize_activation(x, 1.0, 1.0, 4, smooth=torch.ones(95), backend="torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom op for torch.compile (kernels/torch_op.py)
+# ---------------------------------------------------------------------------------------------
+def _op_args(layer: dict, x: torch.Tensor, k: int, a_bits: int) -> tuple:
+    lo, hi = torch.full((x.shape[0], 1), 0.9), torch.full((x.shape[0], 1), 0.95)
+    t = (x, layer["qweight"], layer["w_scale"], layer["w_zero"], layer["w_qsum"], layer["bias"], lo, hi)
+    return t + (None, None, None, None, k, 4, a_bits, 0, torch.float32, "cpu")
+
+
+def test_custom_op_schema_fake_and_compile() -> None:
+    """The op's schema and fake implementation pass torch's own checks, and a fullgraph
+    torch.compile of it gives the eager layer's output bit for bit (same backend, same kernels)."""
+    from qvgen_kernels import torch_op
+
+    k, n = 64, 24
+    layer = make_layer(n, k, 4)
+    x = torch.randn(5, k)
+    for a_bits in (4, 0):  # W4A4 and weight-only
+        args = _op_args(layer, x, k, a_bits)
+        torch.library.opcheck(
+            torch.ops.qvgen.quantized_linear.default, args, test_utils=("test_schema", "test_faketensor")
+        )
+        eager = call(
+            qk.quantized_linear, x, layer, k, 4, a_bits or None, clip_lo=args[6], clip_hi=args[7], backend="cpu"
+        )
+        compiled = torch.compile(torch_op.quantized_linear_op, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(*args), eager)

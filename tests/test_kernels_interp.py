@@ -56,12 +56,13 @@ else:
             x[5] = 1e20 * torch.randn(k, generator=g)  # huge activations (exact-comparison tests only)
         return x.to(dtype)
 
+    @pytest.mark.parametrize("one_sweep", [True, False], ids=["one-sweep", "two-sweep"])
     @pytest.mark.parametrize("bits", [2, 4, 8])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-    def test_interp_quantize_exact(bits: int, dtype: torch.dtype) -> None:
+    def test_interp_quantize_exact(bits: int, dtype: torch.dtype, one_sweep: bool) -> None:
         x = _tokens(37, 300, dtype, huge=dtype == torch.float32).reshape(1, 37, 300)
         for lo, hi in [(0.9025, 0.9025), (torch.rand(1, 37) * 0.3 + 0.6, 1.0), (torch.rand(1, 1) + 0.2, 0.5)]:
-            got = tk.quantize_activation(x, lo, hi, bits)
+            got = tk.quantize_activation(x, lo, hi, bits, one_sweep=one_sweep)
             ref = reference.quantize_activation(x, lo, hi, bits)
             for g, r in zip(got, ref, strict=True):
                 assert g.dtype == r.dtype and g.shape == r.shape
@@ -197,13 +198,15 @@ else:
         ("both", 256, 512),
     ]
 
+    @pytest.mark.parametrize("one_sweep", [True, False], ids=["one-sweep", "two-sweep"])
     @pytest.mark.parametrize(("kind", "block", "k"), INTERP_TRANSFORMS)
-    def test_interp_transform_quantize_exact(kind: str, block: int, k: int) -> None:
-        """Codes, scales, zeros and sums equal the reference bit for bit (same fp32 operations)."""
+    def test_interp_transform_quantize_exact(kind: str, block: int, k: int, one_sweep: bool) -> None:
+        """Codes, scales, zeros and sums equal the reference bit for bit (same fp32 operations),
+        with the row read and transformed once (one sweep) or twice (two sweeps over K)."""
         tf = transform_args(k, kind, block, seed=k)
         x = _tokens(37, k, torch.bfloat16 if kind == "both" else torch.float32, seed=block)
         lo = torch.rand(37) * 0.3 + 0.6
-        got = tk.quantize_activation(x, lo, 0.9, 4, **tf)
+        got = tk.quantize_activation(x, lo, 0.9, 4, **tf, one_sweep=one_sweep)
         ref = reference.quantize_activation(x, lo, 0.9, 4, **tf)
         for g, r in zip(got, ref, strict=True):
             assert g.dtype == r.dtype and g.shape == r.shape
@@ -247,3 +250,25 @@ else:
         y = fp8_gemm.fp8_linear(*args, **kw)
         y_ref = call(reference.quantized_linear, x, layer, k, 4, 4, clip_lo=0.9, clip_hi=0.9, out_dtype=torch.float64)
         assert_matches(y, y_ref, torch.float32)
+
+    def test_interp_bench_fp8_variant_matches_w4a4() -> None:
+        """`bench step --variants w4a4-fp8`: the reduced Wan with its PackedLinears on the fp8 GEMM
+        gives the W4A4 model's output (same integers; epilogue rounding and bf16 activations differ,
+        so the relative L2 gap is bounded as in test_gpu.py: ≤ 1e-2, a wrong zero point gives > 1e-1)."""
+        pytest.importorskip("diffusers")
+        from qvgen.bench.step import CASES, WAN_CONFIGS, Fp8Linear, build_model
+
+        cpu = torch.device("cpu")
+        torch.manual_seed(0)
+        ref_model = build_model("reduced", "w4a4", cpu, torch.float32)
+        torch.manual_seed(0)
+        fp8_model = build_model("reduced", "w4a4-fp8", cpu, torch.float32)
+        assert sum(isinstance(m, Fp8Linear) for m in fp8_model.modules()) >= 20  # 10 per block, 2 blocks
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 16, *CASES["cpu"], generator=g)
+        e = torch.randn(1, 8, WAN_CONFIGS["reduced"]["text_dim"], generator=g)
+        t = torch.tensor([500.0])
+        with torch.inference_mode():
+            ref = ref_model(x, t, e, return_dict=False)[0]
+            got = fp8_model(x, t, e, return_dict=False)[0]
+        assert float((got - ref).norm() / ref.norm()) <= 1e-2

@@ -249,6 +249,13 @@ def run_device_time(args, device: torch.device, cases: list[tuple], tokens: list
     records: list[dict] = []
     t0 = time.perf_counter()
     skipped: list[dict] = []
+    out = args.out or os.path.join("docs", "bench", f"kernels-{gpu_slug(device)}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+    def save() -> None:  # after every row: a run stopped by a time limit keeps what it measured
+        with open(out, "w") as fh:
+            json.dump({"schema": SCHEMA, "config": config, "records": records, "skipped": skipped}, fh, indent=2)
 
     def over_budget(row: dict) -> bool:
         if args.budget_s and time.perf_counter() - t0 > args.budget_s:
@@ -262,6 +269,7 @@ def run_device_time(args, device: torch.device, cases: list[tuple], tokens: list
                 continue
             ms, host, timing = time_fns(layer_fns(m, k, n, args, device, backend), device, args)
             records.append(record(model, layer, m, k, n, ms, host, timing, env))
+            save()
             print(f"  {model} {layer} M={m}: {records[-1]['baseline_ms']:.3f} → {records[-1]['ours_ms']:.3f} ms",
                   flush=True)  # fmt: skip
     for model in [] if args.no_blocks or args.shapes else args.models.split(","):
@@ -273,14 +281,10 @@ def run_device_time(args, device: torch.device, cases: list[tuple], tokens: list
                     continue
                 ms, host, timing = time_fns(block_fns(kind, m, d["dim"], d["ffn"], args, device), device, args)
                 records.append(record(model.strip(), name, m, d["dim"], n, ms, host, timing, env))
+                save()
     print()
     print(markdown(records))
     print(f"\n({time.perf_counter() - t0:.1f} s; ratios are against the baseline timed in this process)")
-    out = args.out or os.path.join("docs", "bench", f"kernels-{gpu_slug(device)}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    payload = {"schema": SCHEMA, "config": config, "records": records, "skipped": skipped}
-    with open(out, "w") as fh:
-        json.dump(payload, fh, indent=2)
+    save()
     print(f"wrote {out}")
     return 0

@@ -104,8 +104,48 @@ def _fill(model: nn.Module) -> None:
             p.fill_(1.0)
 
 
+class Fp8Linear(nn.Module):
+    """Bench only: a `PackedLinear` run on the experimental fp8 GEMM (`qvgen_kernels.fp8_gemm`),
+    weights held as e4m3 codes (one byte each). The bench's layers share one clip pair in every
+    timestep bucket, so the clip is a constant here; no Φ, no input transform."""
+
+    def __init__(self, packed: nn.Module) -> None:
+        from qvgen_kernels import fp8_gemm
+
+        super().__init__()
+        self.in_features, self.act_bits = packed.in_features, packed.act_bits
+        for name in ("weight_scale", "weight_zero", "weight_qsum", "bias"):  # a float parameter first:
+            setattr(self, name, getattr(packed, name))  # diffusers reads a module's dtype from it
+        self.w8 = nn.Parameter(fp8_gemm.fp8_weight_codes(packed.qweight, 4, packed.in_features), requires_grad=False)
+        self.clip = (float(packed.act_clip[0, 0]), float(packed.act_clip[0, 1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from qvgen_kernels import fp8_gemm
+
+        lo, hi = self.clip
+        return fp8_gemm.fp8_linear(
+            x, self.w8, self.weight_scale, self.weight_zero, self.weight_qsum, self.bias,
+            in_features=self.in_features, a_bits=self.act_bits, clip_lo=lo, clip_hi=hi,
+        )  # fmt: skip
+
+
+def _to_fp8_layers(net: nn.Module) -> int:
+    """Swap every eligible `PackedLinear` (W≤4A≤4, rank 0, no transform) for an `Fp8Linear`."""
+    from qvgen import PackedLinear
+
+    swapped = 0
+    for name, m in list(net.named_modules()):
+        ok = isinstance(m, PackedLinear) and m.weight_bits <= 4 and m.act_bits is not None and m.act_bits <= 4
+        if ok and m.rank == 0 and m.input_signs is None and m.smooth is None:
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, child, Fp8Linear(m))
+            swapped += 1
+    return swapped
+
+
 def build_model(model: str, variant: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Wan 2.1 with random weights, bf16 or W4A4 (`PackedLinear` everywhere QVGen quantizes)."""
+    """Wan 2.1 with random weights: `bf16`, `w4a4` (`PackedLinear` everywhere QVGen quantizes) or
+    `w4a4-fp8` (those layers on the experimental fp8 GEMM; CUDA sm_90 only)."""
     from accelerate import init_empty_weights
     from diffusers import WanTransformer3DModel
 
@@ -120,12 +160,14 @@ def build_model(model: str, variant: str, device: torch.device, dtype: torch.dty
     for name, module in net.named_modules():  # as diffusers' from_pretrained(torch_dtype=...) does
         if any(k in name.split(".") for k in keep):
             module.float()
-    if variant == "w4a4":
+    if variant.startswith("w4a4"):
         build_packed_model(net, QVGenConfig(rank=0), dtype=dtype, device="meta")
     net.to_empty(device=device)
     for n, b in buffers.items():
         net.get_buffer(n).copy_(b)
     _fill(net)
+    if variant == "w4a4-fp8":
+        _to_fp8_layers(net)
     return net.eval()
 
 
@@ -136,6 +178,19 @@ def weights_gib(model: nn.Module) -> float:
 
 def set_attention(model: nn.Module, backend: str) -> None:
     model.set_attention_backend(backend)
+
+
+def sdpa_kernel(model: str, tokens: int, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The kernel torch's SDPA picks for this model's self-attention (what `native` runs), e.g.
+    FLASH_ATTENTION or CUDNN_ATTENTION; None where torch does not say."""
+    cfg = _config(model)
+    try:
+        from torch.nn.attention import SDPBackend
+
+        q = torch.empty(1, cfg["num_attention_heads"], tokens, cfg["attention_head_dim"], device=device, dtype=dtype)
+        return SDPBackend(torch._fused_sdp_choice(q, q, q, None, 0.0, False)).name
+    except Exception:  # private API: absent or changed
+        return None
 
 
 def time_step(model: nn.Module, case: tuple, device: torch.device, dtype: torch.dtype, reps: int, text_dim: int):
@@ -181,7 +236,7 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_rows(args, device: torch.device) -> tuple[list[dict], list[dict]]:
+def run_rows(args, device: torch.device, on_row=None) -> tuple[list[dict], list[dict]]:
     """All (model, case, variant, attention) rows; returns (records, skipped with reasons).
 
     Both variants of a model are built first and stay resident, so that a time budget cuts whole
@@ -196,7 +251,7 @@ def run_rows(args, device: torch.device) -> tuple[list[dict], list[dict]]:
     skipped: list[dict] = []
     t_start = time.perf_counter()
     for model_name in args.models:
-        nets = {v: build_model(model_name, v, device, dtype) for v in ("bf16", "w4a4")}
+        nets = {v: build_model(model_name, v, device, dtype) for v in args.variants}
         text_dim = _config(model_name)["text_dim"]
         for case_name in args.cases:
             case = CASES[case_name]
@@ -219,19 +274,40 @@ def run_rows(args, device: torch.device) -> tuple[list[dict], list[dict]]:
                     w_gib = weights_gib(net)
                     peak = None if extra is None else w_gib + extra
                     rec = {**row, "step_ms": ms, "peak_gib": peak, "weights_gib": w_gib}
+                    if attention == "native":  # name what torch runs under diffusers' `native`
+                        rec["sdpa_kernel"] = sdpa_kernel(model_name, rec["tokens"], device, dtype)
                     rec.update(env, timing="events" if device.type == "cuda" else "wall")
                     records.append(rec)
+                    if on_row is not None:  # e.g. save: a run stopped by a time limit keeps its rows
+                        _speedups(records)
+                        on_row(records, skipped)
                     print(f"  {model_name} {case_name} ({rec['tokens']} tokens) {variant} {attention}: "
                           f"{ms:.1f} ms/step, weights {w_gib:.2f} GiB", flush=True)  # fmt: skip
         del nets
         _free(device)
-    base = {
-        (r["model"], r["case"]): r["step_ms"] for r in records if r["variant"] == "bf16" and r["attention"] == "native"
-    }
+    _speedups(records)
+    return records, skipped
+
+
+def print_weights(models: list[str], variants: list[str]) -> int:
+    """Weight memory of each variant, from models built on the meta device (shapes and dtypes only)."""
+    meta = torch.device("meta")
+    for model in models:
+        sizes = {v: weights_gib(build_model(model, v, meta, torch.bfloat16)) for v in variants if v != "w4a4-fp8"}
+        base = sizes.get("bf16")
+        for v, gib in sizes.items():
+            ratio = f" ({gib / base:.3f}× bf16)" if base else ""
+            print(f"{model} {v}: weights {gib:.2f} GiB{ratio}")
+    return 0
+
+
+def _speedups(records: list[dict]) -> None:
+    """`speedup_vs_bf16` of every row: against the bf16 row with native attention of its model and case."""
+    bf16 = [r for r in records if r["variant"] == "bf16" and r["attention"] == "native"]
+    base = {(r["model"], r["case"]): r["step_ms"] for r in bf16}
     for r in records:
         b = base.get((r["model"], r["case"]))
         r["speedup_vs_bf16"] = b / r["step_ms"] if b else None
-    return records, skipped
 
 
 def markdown(records: list[dict]) -> str:
@@ -258,10 +334,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-8bit", type=_list, default=None,
                    help=f"diffusers attention backends for the 8-bit rows (default: {','.join(ATTENTION_8BIT[:1])}; "
                         "none to skip)")  # fmt: skip
+    p.add_argument("--variants", type=_list, default=["bf16", "w4a4"],
+                   help="bf16, w4a4, w4a4-fp8 (the experimental fp8 GEMM, sm_90); bf16 is the baseline")  # fmt: skip
     p.add_argument("--reps", type=int, default=2, help="timed steps per row (median)")
     p.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds")
     p.add_argument("--out", default=None, metavar="PATH", help="records JSON (default docs/bench/step-<gpu>.json)")
     p.add_argument("--append", action="store_true", help="add to the records already in --out")
+    p.add_argument("--weights-only", action="store_true",
+                   help="print the weight memory of each variant (meta device: no GPU), then exit")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -276,26 +356,33 @@ def run(args: argparse.Namespace) -> int:
     gpu = device.type == "cuda"
     args.models = args.models or (["1.3b", "14b"] if gpu else ["reduced"])
     args.cases = args.cases or (["short", "480p", "720p"] if gpu else ["cpu"])
+    if args.weights_only:
+        return print_weights(args.models, args.variants)
     eight = args.attention_8bit if args.attention_8bit is not None else list(ATTENTION_8BIT[:1])
     args.attention_8bit = [] if eight == ["none"] else eight
+    out = args.out or os.path.join("docs", "bench", f"step-{gpu_slug(device)}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    earlier = {"runs": [], "records": [], "skipped": []}
+    if args.append and os.path.exists(out):  # several invocations (e.g. one per model) into one file
+        with open(out) as fh:
+            earlier = json.load(fh)
+        if earlier.get("schema") != SCHEMA:
+            raise SystemExit(f"--append: {out} holds schema {earlier.get('schema')!r}, not {SCHEMA!r}")
+
+    def save(records: list[dict], skipped: list[dict]) -> None:
+        payload = {"schema": SCHEMA, "runs": earlier["runs"] + [config], "records": earlier["records"] + records}
+        payload["skipped"] = earlier["skipped"] + skipped
+        with open(out, "w") as fh:
+            json.dump(payload, fh, indent=2)
+
     t0 = time.perf_counter()
-    records, skipped = run_rows(args, device)
+    records, skipped = run_rows(args, device, save)
+    save(records, skipped)
     print()
     print(markdown(records))
     for s in skipped:
         print(f"skipped: {s}")
     print(f"\n({time.perf_counter() - t0:.1f} s)")
-    out = args.out or os.path.join("docs", "bench", f"step-{gpu_slug(device)}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    runs = [config]
-    if args.append and os.path.exists(out):  # several invocations (e.g. one per model) into one file
-        with open(out) as fh:
-            old = json.load(fh)
-        if old.get("schema") != SCHEMA:
-            raise SystemExit(f"--append: {out} holds schema {old.get('schema')!r}, not {SCHEMA!r}")
-        records, skipped, runs = old["records"] + records, old["skipped"] + skipped, old["runs"] + runs
-    with open(out, "w") as fh:
-        json.dump({"schema": SCHEMA, "runs": runs, "records": records, "skipped": skipped}, fh, indent=2)
     print(f"wrote {out}")
     return 0
