@@ -112,14 +112,15 @@ def time_ms(
 # ---------------------------------------------------------------------------------------------
 def make_packed_layer(n: int, k: int, w_bits: int, rank: int, device: torch.device, dtype: torch.dtype) -> dict:
     """A random layer in the QVGen packed format (the values do not affect the timing)."""
-    from qvgen.kernels_import import qvgen_kernels as qk
+    from qvgen.packed_layer import assemble
 
     q = torch.randint(0, 2**w_bits, (n, k), dtype=torch.uint8)
+    t = assemble(q, torch.rand(n) * 0.01 + 1e-3, torch.rand(n) * (2**w_bits - 1), w_bits)
     layer = {
-        "qweight": qk.pack_weight(q, w_bits).to(device),
-        "w_scale": (torch.rand(n) * 0.01 + 1e-3).to(device),
-        "w_zero": (torch.rand(n) * (2**w_bits - 1)).to(device),
-        "w_qsum": q.to(torch.int32).sum(1).to(torch.int32).to(device),
+        "qweight": t["qweight"].to(device),
+        "w_scale": t["weight_scale"].to(device),
+        "w_zero": t["weight_zero"].to(device),
+        "w_qsum": t["weight_qsum"].to(device),
         "bias": torch.randn(n, device=device, dtype=dtype),
         "phi_down": None,
         "phi_up": None,
