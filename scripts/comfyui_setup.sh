@@ -40,10 +40,12 @@ setup() {  # VERSION DEST
   local py="$dest/venv/bin/python"
   [ -x "$py" ] || python3 -m venv "$dest/venv"
   echo "$torch_spec" > "$dest/constraints.txt"
-  "$py" -m pip install -q "$torch_spec"
+  # --no-compile: byte-compiling every installed file costs more CPU than compiling what is imported
+  pip_install() { "$py" -m pip install -q --no-compile "$@"; }
+  pip_install "$torch_spec"
   grep -v -E '^(torch|torchvision|torchaudio)([<>=!~ ].*)?$' "$dest/ComfyUI/requirements.txt" > "$dest/requirements.txt"
   # 0.3.64 imports requests without listing it
-  "$py" -m pip install -q -c "$dest/constraints.txt" -r "$dest/requirements.txt" -r "$here/requirements.txt" requests
+  pip_install -c "$dest/constraints.txt" -r "$dest/requirements.txt" -r "$here/requirements.txt" requests
   local site
   site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   cp "$snapshots/tv_cpu_shim.py" "$site/qvgen_ci_tv_cpu_shim.py"
@@ -51,7 +53,7 @@ setup() {  # VERSION DEST
   rm -rf "$dest/stubs" && mkdir -p "$dest/stubs" && cp -r "$snapshots/stubs/torchaudio" "$dest/stubs/"
   "$py" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torchaudio") is not None)' \
     && echo "$dest/stubs" > "$site/qvgen_ci_torchaudio_stub.pth"
-  "$py" -m pip install -q --no-deps --target "$dest/test-site" --upgrade \
+  pip_install --no-deps --target "$dest/test-site" --upgrade \
     pytest pluggy iniconfig diffusers accelerate importlib_metadata zipp regex
   if "$py" -I -c 'import qvgen' 2>/dev/null; then
     log "$ver" "qvgen is importable in ComfyUI's venv: the pack would not be tested as a plain clone" >&2
