@@ -248,6 +248,10 @@ def validate_state_dict(state: dict[str, Tensor], config: QVGenConfig, source: s
     layers = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
     if not layers:
         raise CheckpointError(f"{source}: no quantized layers (no '*.qweight' tensors)")
+    # a layer whose qweight is missing would otherwise pass as a full-precision layer without a weight
+    orphans = sorted({k.rpartition(".")[0] for k in state if k.rpartition(".")[2] in REQUIRED} - set(layers))
+    if orphans:
+        _expect(False, source, f"{orphans[0]}.qweight", "a tensor (the layer has its other packed tensors)", "nothing")
     for name in layers:
         _validate_layer(state, name, config, source)
 

@@ -2,7 +2,7 @@
 # A real ComfyUI for QVGen's integration tests, from the source snapshots in ../shared/comfyui/.
 #
 #   scripts/comfyui_setup.sh VERSION...          set up .comfyui/VERSION/ for each VERSION
-#   scripts/comfyui_setup.sh --test VERSION...   ... then run tests/test_comfyui_integration.py against it
+#   scripts/comfyui_setup.sh --test VERSION...   ... then run the ComfyUI tests (integration, memory) against it
 #
 # VERSION is a snapshot `comfyui-VERSION.tar.gz` in COMFYUI_SNAPSHOTS (default ../shared/comfyui next
 # to this repository): 0.29.0 (current upstream) and 0.3.64 (the oldest release the pack claims).
@@ -75,7 +75,7 @@ for ver in "$@"; do
     # test-site goes on pytest's sys.path only: the ComfyUI server the tests start must not see it
     (cd "$here" && COMFYUI_PATH="$dest/ComfyUI" COMFYUI_PYTHON="$dest/venv/bin/python" HF_HUB_OFFLINE=1 \
       "$dest/venv/bin/python" -c 'import sys; sys.path[:0] = [sys.argv.pop(1)]; import pytest; sys.exit(pytest.main())' \
-      "$dest/test-site" -p no:cacheprovider -m comfyui tests/test_comfyui_integration.py)
+      "$dest/test-site" -p no:cacheprovider -m comfyui tests/test_comfyui_integration.py tests/test_comfyui_memory.py)
     log "$ver" "integration tests passed in $((SECONDS - t0))s"
   fi
 done

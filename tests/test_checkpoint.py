@@ -108,6 +108,14 @@ def test_missing_tensor_named(tmp_path):
         load_checkpoint(path)
 
 
+def test_missing_qweight_named(tmp_path):
+    """Without its qweight a layer would pass for a full-precision layer and fail only when run."""
+    path = _single(tmp_path)
+    _rewrite(path, lambda t: t.pop("blocks.0.ffn.net.2.qweight"))
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.ffn\.net\.2\.qweight': expected a tensor.*got nothing"):
+        load_checkpoint(path)
+
+
 def test_wrong_shape_named(tmp_path):
     path = _single(tmp_path)
     _rewrite(path, lambda t: t.__setitem__("proj_out.weight_scale", torch.ones(3)))
