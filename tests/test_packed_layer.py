@@ -167,6 +167,10 @@ def test_cpu_path_unpacks_weights_once_and_follows_changes(monkeypatch):
     other = quantize_linear(torch.randn(24, 40), None, cfg)
     layer.set_tensors(other)  # a new qweight (a reload, a device move): the cache follows
     assert not torch.equal(layer(x), y1) and len(calls) == 2
+    with torch.inference_mode():  # how ComfyUI loads and runs: inference tensors have no version counter
+        frozen = PackedLinear.from_tensors(quantize_linear(torch.randn(24, 40), None, cfg), cfg, 40)
+        frozen.backend = "cpu"
+        assert frozen.qweight.is_inference() and torch.equal(frozen(x), frozen(x))
 
 
 def test_bench_comfy_reports_the_ratio(tmp_path):
