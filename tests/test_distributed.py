@@ -40,9 +40,12 @@ CASES = {
 # smaller matmuls), and that order differs between CPUs too. Round-off alone is ~1e-6, but it can move a
 # value across a 4-bit rounding boundary: one flipped activation code changes the loss by ~1e-4 of itself.
 # So the first step, taken from identical weights, must agree to 1e-3 (a wrong gradient average or a
-# mis-split batch is off by far more), and the curve to 2e-2 once such flips have fed through Adam.
+# mis-split batch is off by far more). Later steps: such flips feed through Adam, and one step of a curve
+# was seen 2.9% off (FSDP, torch 2.14.1) while the rest agreed to 1e-4; each step must agree to 5e-2 and the
+# curve on average to 1e-2. Another batch of clips changes the loss by tens of per cent.
 FIRST_STEP_RTOL = 1e-3
-LOSS_RTOL = 2e-2
+LOSS_RTOL = 5e-2
+MEAN_LOSS_RTOL = 1e-2
 # Adam moves a parameter by about lr per step whatever the gradient's size, so where round-off flips the
 # sign of a near-zero gradient two runs can drift apart by up to 2·lr·steps: 2·3e-4·8 ≈ 5e-3 for weights and
 # quantizer scales, and for the clipping logits (lr 1e-2) 2·1e-2·8 = 0.16, i.e. ≤ 0.04 in the exported
@@ -126,6 +129,8 @@ def _assert_same_curve(hist: list[dict], ref: list[dict]) -> None:
     for key in ("loss", "grad_norm"):
         assert hist[0][key] == pytest.approx(ref[0][key], rel=FIRST_STEP_RTOL), key
         assert [r[key] for r in hist] == pytest.approx([r[key] for r in ref], rel=LOSS_RTOL), key
+        rel = [abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(hist, ref, strict=True)]
+        assert sum(rel) / len(rel) <= MEAN_LOSS_RTOL, (key, rel)
 
 
 def _codes(sd: dict, layer: str):

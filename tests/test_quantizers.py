@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from qvgen.quantizers import (
-    SCALE_MIN,
     ActQuantizer,
     WeightQuantizer,
     fake_quant_act,
@@ -108,34 +107,35 @@ def test_round_ste_gradient_is_identity():
 
 
 def test_lsq_gradient_scale_and_ste():
-    """d/ds and d/dz of the fake quantizer, by hand: STE inside the clamp, LSQ-scaled."""
-    torch.manual_seed(0)
-    out_f, in_f, bits = 4, 10, 4
-    w = torch.randn(out_f, in_f)
-    wq = WeightQuantizer(out_f, in_f, bits)
-    wq.init_from(w)
+    """d/ds and d/dz of the fake quantizer, by hand: STE inside the clamp, LSQ-scaled.
+
+    The weights are placed at chosen points of the code grid (`w = (t - z)·s`), away from rounding
+    boundaries and from the clamp's edges, so which branch each element takes is known without
+    deciding it in floating point: a value on a boundary would make the test depend on round-off.
+    """
+    out_f, bits = 4, 4
+    g = torch.Generator().manual_seed(0)
+    inside_t = torch.tensor([1.2, 3.7, 6.1, 8.8, 11.3, 13.6])  # round to 1..14: inside the clamp
+    clipped_t = torch.tensor([-2.3, -0.8, 15.9, 19.4])  # round to < 0 or > 15: clipped
+    t = torch.cat([inside_t, clipped_t]).expand(out_f, -1) + 0.05 * torch.rand(out_f, 10, generator=g)
+    s = (0.01 + 0.05 * torch.rand(out_f, 1, generator=g)).double()
+    z = (2 + 3 * torch.rand(out_f, 1, generator=g)).double()
+    wd = (t.double() - z) * s
+    wq = WeightQuantizer(out_f, 10, bits)
     with torch.no_grad():
-        wq.scale.mul_(0.7)  # force some values to be clipped
-    wq(w).sum().backward()
-    s, z = wq.scale.detach().double(), wq.zero.detach().double()
-    wd = w.double()
-    # Rounding decisions as the fp32 forward takes them (s and z pass through the LSQ gradient scaling,
-    # `(x - c·x) + c·x`, which may move them by an ulp): a float64 decision could flip a value that lands
-    # on a rounding boundary, so only the derivatives below are computed in float64.
-    c = wq.grad_factor
-    s32 = ((wq.scale - wq.scale * c) + wq.scale * c).detach().clamp(min=SCALE_MIN)
-    z32 = ((wq.zero - wq.zero * c) + wq.zero * c).detach()
-    r = (w / s32 + z32).round().double()
-    q = torch.clamp(r, 0, 15)
-    inside = (r >= 0) & (r <= 15)
+        wq.scale.copy_(s)
+        wq.zero.copy_(z)
+    wq(wd.float()).sum().backward()
+    inside = torch.zeros(out_f, 10, dtype=torch.bool)
+    inside[:, :6] = True
+    q = torch.clamp(t.double().round(), 0, 15)
     # y = s (q - z); inside: q = round(w/s + z) with STE → dy/ds = (q - z) - w/s, dy/dz = 0
     # clipped: q constant → dy/ds = q - z, dy/dz = -s
     ds = torch.where(inside, (q - z) - wd / s, q - z).sum(1, keepdim=True)
     dz = torch.where(inside, torch.zeros_like(wd), -s.expand_as(wd)).sum(1, keepdim=True)
-    g = 1 / math.sqrt(in_f * 15)
-    torch.testing.assert_close(wq.scale.grad.double(), ds * g, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(wq.zero.grad.double(), dz * g, rtol=1e-4, atol=1e-6)
-    assert (~inside).any() and inside.any()
+    gs = 1 / math.sqrt(10 * 15)
+    torch.testing.assert_close(wq.scale.grad.double(), ds * gs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(wq.zero.grad.double(), dz * gs, rtol=1e-4, atol=1e-6)
 
 
 def test_act_clip_logits_receive_gradient():
