@@ -6,7 +6,6 @@ without ComfyUI; tests monkeypatch these functions with fakes.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +67,3 @@ def offload_device() -> Any:
     import comfy.model_management
 
     return comfy.model_management.unet_offload_device()
-
-
-def comfyui_version() -> str:
-    try:
-        import comfyui_version
-
-        return str(comfyui_version.__version__)
-    except Exception:
-        return os.environ.get("COMFYUI_VERSION", "unknown")
