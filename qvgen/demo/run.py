@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=QVGenConfig.zero_point_grad,
         help="clip logits' gradient through the activation zero point's rounding (docs/training.md)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the training runs already in --output/runs (same settings): a finished student is loaded, "
+        "not retrained, so an interrupted multi-seed run is completed by running the same command again",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -163,7 +169,7 @@ def _train_students(fp, configs, dataset, args, seed: int, out: Path):
                 lr=args.lr,
                 seed=seed,
                 progress=not args.no_progress,
-                resume=False,
+                resume=args.resume,
                 checkpoint_every=args.steps,
             )
             result = train(fp, cfg, dataset, opts, student=student, device="cpu")
