@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--demo", action="store_true", help="original = the demo's teacher (pixel space: frame metrics)")
     p.add_argument("--checkpoint", type=Path, help="QVGen checkpoint (folder or .safetensors); --demo alone: RTN PTQ")
+    p.add_argument(
+        "--keep",
+        type=lambda v: v.split(","),
+        default=[],
+        help="--demo without --checkpoint: layers left in full precision (fnmatch patterns, e.g. proj_out)",
+    )
     p.add_argument("--original", help="full-precision diffusers model: local folder or Hub id (offline cache)")
     p.add_argument("--subfolder", default=None, help="subfolder of --original holding the transformer")
     p.add_argument("--prompts", type=lambda v: v.split(";"), help="demo prompts, ';'-separated")
@@ -59,8 +65,9 @@ def _demo_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, str]:
     if args.checkpoint is not None:
         return original, load_quantized_model(args.checkpoint), str(args.checkpoint)
     quantized = copy.deepcopy(original)
-    convert_model(quantized, QVGenConfig(rank=0, n_buckets=10), progress=False)
-    return original, quantized.eval(), "demo teacher, W4A4 round-to-nearest PTQ"
+    convert_model(quantized, QVGenConfig(rank=0, n_buckets=10, modules_to_not_convert=args.keep), progress=False)
+    kept = f", {','.join(args.keep)} kept in full precision" if args.keep else ""
+    return original, quantized.eval(), f"demo teacher, W4A4 round-to-nearest PTQ{kept}"
 
 
 def _demo_prompts(args: argparse.Namespace) -> tuple[Tensor, list[str]]:
