@@ -55,8 +55,8 @@ def test_short_demo_trains_and_reloads(tmp_path):
     assert set(methods) == {"PTQ", "QAT", "QVGen"}
     for trained in ("QAT", "QVGen"):
         assert methods[trained]["velocity_mse"] < 0.97 * methods["PTQ"]["velocity_mse"], trained
-    assert methods["QVGen"]["phi_rank_over_training"][0] == [0, 8]
-    assert methods["QVGen"]["phi_rank_over_training"][-1][1] == 0  # Φ decayed away: plain W4A4
+    # Φ halves every 16 // 4 steps (the log records the rank during each step; it reaches 0 after the last)
+    assert methods["QVGen"]["phi_rank_over_training"] == [[0, 8], [4, 4], [8, 2], [12, 1]]
     env = m["environment"]
     assert env["argv"] == args and env["torch"] and env["cpu"] and env["python"]
     assert m["seeds"] == [0] and list(m["per_seed"]) == ["0"]

@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=QVGenConfig.zero_point_grad,
         help="clip logits' gradient through the activation zero point's rounding (docs/training.md)",
     )
+    p.add_argument(
+        "--keep",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=[],
+        help="layers left in full precision (fnmatch patterns): per-layer mixed precision, e.g. proj_out, "
+        "the layer `python -m qvgen.eval --demo` finds most sensitive",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the training runs already in --output/runs (same settings): a finished student is loaded, "
+        "not retrained, so an interrupted multi-seed run is completed by running the same command again",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -118,6 +131,7 @@ def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
             train_transform=transform != "none" and args.train_transform,
             smooth_alpha=args.smooth_alpha,
             zero_point_grad=args.zero_point_grad,
+            modules_to_not_convert=list(args.keep),
         )
         suffix = "" if transform == "none" else f"+{transform}"
         out[f"PTQ{suffix}"] = QVGenConfig(rank=0, **base)
@@ -163,7 +177,7 @@ def _train_students(fp, configs, dataset, args, seed: int, out: Path):
                 lr=args.lr,
                 seed=seed,
                 progress=not args.no_progress,
-                resume=False,
+                resume=args.resume,
                 checkpoint_every=args.steps,
             )
             result = train(fp, cfg, dataset, opts, student=student, device="cpu")
