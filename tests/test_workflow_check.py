@@ -4,24 +4,12 @@ one. The case that prompted it: ComfyUI 0.29's `CreateVideo` added an optional `
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from comfy_fakes import import_nodes
 
 
 def _checker():
-    if "qvgen_nodes" not in sys.modules:
-        folder = REPO / "qvgen_nodes"
-        spec = importlib.util.spec_from_file_location(
-            "qvgen_nodes", folder / "__init__.py", submodule_search_locations=[str(folder)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["qvgen_nodes"] = module
-        spec.loader.exec_module(module)
+    import_nodes()
     from qvgen_nodes import workflow_check
 
     return workflow_check

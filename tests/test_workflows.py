@@ -9,12 +9,11 @@ checks the same files against a live ComfyUI's `/object_info`.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from comfy_fakes import import_nodes
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -158,14 +157,7 @@ CORE_NODES = {
 
 
 def _workflow_check():
-    if "qvgen_nodes" not in sys.modules:
-        folder = REPO / "qvgen_nodes"
-        spec = importlib.util.spec_from_file_location(
-            "qvgen_nodes", folder / "__init__.py", submodule_search_locations=[str(folder)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["qvgen_nodes"] = module
-        spec.loader.exec_module(module)
+    import_nodes()
     from qvgen_nodes import workflow_check
 
     return workflow_check
