@@ -281,3 +281,12 @@ def test_pickle_weights_are_refused(tmp_path):
     weights.unlink()
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.bin: QVGen checkpoints are safetensors only"):
         WanTransformer3DModel.from_pretrained(folder)
+
+
+def test_train_cli_passes_the_numerical_options_to_the_config():
+    from qvgen.train.cli import build_parser, quant_config
+
+    args = build_parser().parse_args(["--model", "m", "--seed", "7", "--zero-point-grad", "none"])
+    cfg = quant_config(args)
+    assert (cfg.transform_seed, cfg.zero_point_grad) == (7, "none")
+    assert quant_config(build_parser().parse_args(["--model", "m"])).zero_point_grad == "ste"

@@ -20,6 +20,7 @@ import torch
 from ..checkpoint import save_quantized
 from ..config import SCHEMES, QVGenConfig
 from ..decay import RankDecaySchedule
+from ..quantizers import ZERO_POINT_GRADS
 from ..transforms import TRANSFORMS
 from .data import DataError
 from .distributed import PARALLEL_MODES, TEACHER_PLACEMENTS, init_distributed
@@ -66,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         "measured on the demo; none for convrot_w4a4, which rotates by itself)",
     )
     q.add_argument("--smooth-alpha", type=float, default=QVGenConfig.smooth_alpha, help="SmoothQuant strength")
+    q.add_argument(
+        "--zero-point-grad",
+        choices=ZERO_POINT_GRADS,
+        default=QVGenConfig.zero_point_grad,
+        help="clip logits' gradient through the activation zero point's rounding: ste, or none as the authors' code "
+        "(docs/training.md)",
+    )
     q.add_argument(
         "--train-transform",
         action=argparse.BooleanOptionalAction,
@@ -159,6 +167,7 @@ def quant_config(args: argparse.Namespace) -> QVGenConfig:
         smooth_alpha=args.smooth_alpha,
         train_transform=args.train_transform and transform != "none",
         transform_seed=args.seed,
+        zero_point_grad=args.zero_point_grad,
     )
 
 
