@@ -7,10 +7,18 @@ same bits on every CPU. The reference is comfy-kitchen's eager backend, which ev
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
+from tiny_models import assert_matches_fake_quant, tiny_wan, wan_inputs
 
+from qvgen import QVGenConfig, QVGenLinear, convert_model, export_comfy, load_quantized_model, pack_model
+from qvgen.adapters.comfy.native import ComfyNativeError, read_comfy_native
+from qvgen.config import ConfigError
 from qvgen.schemes import nvfp4
+from qvgen.schemes.nvfp4 import NVFP4Linear
 
 ck = pytest.importorskip("comfy_kitchen")
 from comfy_kitchen.float_utils import from_blocked, to_blocked  # noqa: E402
@@ -206,3 +214,161 @@ def test_input_scale_learns_to_stop_clipping():
     exported = act.export_scale()  # the exact value the forward used: ComfyUI quantizes with it
     assert torch.equal(exported, act.input_scale().detach()) and exported.shape == ()
     assert torch.allclose(exported, 0.2 * x.abs().amax() / 2688, rtol=1e-6)
+
+
+# ---- the scheme: conversion, export in ComfyUI's format, loading ------------------------------------
+CFG = dict(scheme="nvfp4", rank=0)
+
+
+def _converted(rank=0, seed=3):
+    """A tiny Wan converted to NVFP4, inputs calibrated by one forward, learned clips as after training."""
+    model = tiny_wan()
+    report = convert_model(model, QVGenConfig(**{**CFG, "rank": rank}), progress=False)
+    x, t, e = wan_inputs()
+    with torch.no_grad():
+        model(x, t, e)  # first forward: every layer's input scale calibrates
+        g = torch.Generator().manual_seed(seed)
+        for m in model.modules():
+            if isinstance(m, QVGenLinear):
+                m.weight_quantizer.block_clip.uniform_(0.7, 1.0, generator=g)
+                m.act_quantizer.clip.fill_(0.5 + float(torch.rand((), generator=g)))
+    return model, report
+
+
+def test_config_validation_names_the_field():
+    assert QVGenConfig(scheme="nvfp4").scheme == "nvfp4"
+    with pytest.raises(ConfigError, match="weight_bits: scheme 'nvfp4' stores 4-bit"):
+        QVGenConfig(scheme="nvfp4", weight_bits=3)
+    with pytest.raises(ConfigError, match="act_bits: scheme 'nvfp4'"):
+        QVGenConfig(scheme="nvfp4", act_bits=8)
+    with pytest.raises(ConfigError, match="act_bits: scheme 'nvfp4'"):
+        QVGenConfig(scheme="nvfp4", act_bits=None)
+    with pytest.raises(ConfigError, match="input_transform: ComfyUI's nvfp4 layers"):
+        QVGenConfig(scheme="nvfp4", input_transform="smooth")
+
+
+def test_train_cli_scheme_flag():
+    from qvgen.train.cli import build_parser, export_path, quant_config
+
+    args = build_parser().parse_args(["--model", "m", "--scheme", "nvfp4", "--output", "out"])
+    cfg = quant_config(args)
+    assert cfg.scheme == "nvfp4" and cfg.input_transform == "none" and cfg.rank == 32
+    assert export_path(args).as_posix() == "out/comfyui/diffusion_model_nvfp4.safetensors"
+    with pytest.raises(ConfigError, match="act_bits"):
+        quant_config(build_parser().parse_args(["--model", "m", "--scheme", "nvfp4", "--act-bits", "8"]))
+
+
+def test_every_wan_layer_converts_and_phi_decays_before_export():
+    model, report = _converted(rank=4)
+    assert (
+        not report.unsupported and len(report.converted) == 26
+    )  # 10 per block + 6 embedding/head layers: K, out multiples of 16
+    layer = model.blocks[0].attn1.to_q
+    assert layer.rank == 4
+    with pytest.raises(ValueError, match="Φ rank 4"):
+        layer.export_tensors()
+    layer.halve_phi(0)
+    assert set(layer.export_tensors()) == {"weight", "weight_scale", "weight_scale_2", "input_scale", "bias"}
+
+
+def test_qat_gradients_reach_weights_clips_and_phi():
+    model = tiny_wan()
+    convert_model(model, QVGenConfig(scheme="nvfp4", rank=4, n_buckets=1), progress=False)
+    x, t, e = wan_inputs()
+    model(x, t, e, return_dict=False)[0].square().mean().backward()
+    layer = model.blocks[1].ffn.net[2]
+    assert layer.weight.grad.abs().sum() > 0 and layer.phi_down.grad.abs().sum() > 0
+    assert layer.weight_quantizer.block_clip.grad.abs().sum() > 0
+    assert layer.act_quantizer.clip.grad is not None
+
+
+def test_export_is_what_comfyui_reads_and_loads_back(tmp_path):
+    """The file parsed as ComfyUI's loader does (comfy/ops.py `_load_quantized_module`, format nvfp4:
+    `weight` as uint8, `weight_scale` viewed as fp8, `weight_scale_2`, then `input_scale` as an extra
+    parameter), and loaded back by the project's loader: equal to the fake-quant model up to float
+    summation order (`assert_matches_fake_quant`)."""
+    model, _ = _converted()
+    x, t, e = wan_inputs()
+    with torch.no_grad():
+        ref = model(x, t, e, return_dict=False)[0]
+    report = export_comfy(model, QVGenConfig(**CFG), tmp_path / "wan.safetensors", dtype=torch.float32)
+    assert "26 nvfp4 layers" in str(report) and not report.full_precision
+    with safe_open(str(report.path), framework="pt") as f:
+        meta = f.metadata()
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    layers = json.loads(meta["_quantization_metadata"])["layers"]
+    assert len(layers) == 26 and all(c == {"format": "nvfp4"} for c in layers.values())
+    for name in layers:
+        assert json.loads(sd[f"{name}.comfy_quant"].numpy().tobytes()) == {"format": "nvfp4"}
+        w, s = sd[f"{name}.weight"], sd[f"{name}.weight_scale"]
+        assert w.dtype == torch.uint8 and s.dtype == torch.float8_e4m3fn
+        assert s.shape == (-(-w.shape[0] // 128) * 128, -(-w.shape[1] * 2 // 16 // 4) * 4)
+        assert sd[f"{name}.weight_scale_2"].shape == () and sd[f"{name}.input_scale"].shape == ()
+    assert "blocks.0.self_attn.q" in layers and "head.head" in layers
+    loaded = load_quantized_model(report.path)
+    assert isinstance(loaded.blocks[0].attn1.to_q, NVFP4Linear)
+    with torch.no_grad():
+        assert_matches_fake_quant(loaded(x, t, e, return_dict=False)[0], ref)
+        pack_model(model, QVGenConfig(**CFG))  # in-memory packing gives the same layers
+        assert isinstance(model.blocks[0].attn1.to_q, NVFP4Linear)
+        assert_matches_fake_quant(model(x, t, e, return_dict=False)[0], ref)
+
+
+def test_exported_layers_rebuilt_by_comfy_kitchen_match_the_loader(tmp_path):
+    """Each exported layer rebuilt the way ComfyUI does it (a `QuantizedTensor` of
+    `TensorCoreNVFP4Layout` from the file's tensors; its field names checked against the layout's
+    `state_dict_tensors`), the input quantized by the layout with the file's `input_scale`, and run
+    through comfy-kitchen's dequantized linear: equal to `NVFP4Linear` up to summation order (1e-6 of
+    max |y|; the operands are bit-identical, asserted first)."""
+    model, _ = _converted()
+    path = export_comfy(model, QVGenConfig(**CFG), tmp_path / "wan.safetensors", dtype=torch.float32).path
+    sd = read_comfy_native(path).state_dict
+    loaded = load_quantized_model(path)
+    x = torch.randn(6, 64) * 3
+    pairs = (("blocks.1.self_attn.o", loaded.blocks[1].attn1.to_out[0]), ("head.head", loaded.proj_out))
+    for name, layer in pairs:
+        params = TensorCoreNVFP4Layout.Params(
+            scale=sd[f"{name}.weight_scale_2"],
+            orig_dtype=torch.float32,
+            orig_shape=(layer.out_features, layer.in_features),
+            block_scale=sd[f"{name}.weight_scale"],
+        )
+        stored = TensorCoreNVFP4Layout.state_dict_tensors(sd[f"{name}.weight"], params)
+        assert {f"weight{k}" for k in stored} == {"weight", "weight_scale", "weight_scale_2"}
+        with ck.registry.use_backend("eager"), torch.no_grad():
+            wq = QuantizedTensor(sd[f"{name}.weight"], LAYOUT, params)
+            xq = QuantizedTensor.from_float(x, LAYOUT, scale=sd[f"{name}.input_scale"])
+            assert torch.equal(wq.dequantize(), layer.dequantize_weight())
+            assert torch.equal(xq.dequantize(), nvfp4.fake_quant(x, layer.input_scale))
+            ref = torch.nn.functional.linear(xq.dequantize(), wq.dequantize(), sd[f"{name}.bias"])
+            y = layer(x)
+        assert (y - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
+def test_loader_without_input_quantization_is_comfyuis_w4a16_path(tmp_path):
+    model, _ = _converted()
+    path = export_comfy(model, QVGenConfig(**CFG), tmp_path / "wan.safetensors", dtype=torch.float32).path
+    w4a16 = load_quantized_model(path).blocks[0].ffn.net[0].proj
+    w4a16.quantize_input = False
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = x @ w4a16.dequantize_weight().T + w4a16.bias
+        assert torch.allclose(w4a16(x), expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_export_refuses_uncalibrated_inputs_and_malformed_files_name_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_wan()
+    convert_model(model, QVGenConfig(**CFG), progress=False)
+    with pytest.raises(ComfyNativeError, match="input scale was never calibrated"):
+        export_comfy(model, QVGenConfig(**CFG), tmp_path / "x.safetensors")
+    model, _ = _converted()
+    path = export_comfy(model, QVGenConfig(**CFG), tmp_path / "wan.safetensors").path
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    sd = load_file(str(path))
+    sd["blocks.0.self_attn.k.weight_scale"] = sd["blocks.0.self_attn.k.weight_scale"][:64]
+    save_file(sd, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ComfyNativeError, match=r"bad\.safetensors.*blocks\.0\.self_attn\.k\.weight_scale.*\(128, 4\)"):
+        read_comfy_native(tmp_path / "bad.safetensors")

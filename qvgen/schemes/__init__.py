@@ -2,17 +2,18 @@
 
 - `qvgen`: the paper's W{b}A{b} (asymmetric per-channel weights, per-token activations with learned
   per-timestep clipping, optional rotation/smoothing), shipped as a packed QVGen checkpoint;
-- `convrot_w4a4`: ComfyUI's native ConvRot arithmetic, shipped as a ComfyUI single file.
+- `convrot_w4a4`: ComfyUI's native ConvRot arithmetic, shipped as a ComfyUI single file;
+- `nvfp4`: ComfyUI's native NVFP4 (e2m1 with fp8 block scales), shipped as a ComfyUI single file.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from . import convrot, qvgen
+from . import convrot, nvfp4, qvgen
 from .base import FILE_FORMATS, Scheme
 
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (qvgen.SCHEME, convrot.SCHEME)}
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (qvgen.SCHEME, convrot.SCHEME, nvfp4.SCHEME)}
 
 # every inference-layer class any scheme builds (for "is this layer already quantized?")
 INFERENCE_TYPES: tuple[type[nn.Module], ...] = tuple(t for s in SCHEMES.values() for t in s.inference_types)

@@ -30,11 +30,16 @@ Learnable in training (the format stores the scales, so any value is deployable 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..quantizers import grad_scale
+from .base import Scheme
+
+if TYPE_CHECKING:
+    from ..config import QVGenConfig
 
 BLOCK = 16
 E2M1_MAX = 6.0
@@ -185,9 +190,13 @@ def unswizzle_scales(s: Tensor, rows: int, cols: int) -> Tensor:
 def quantize_weight(w: Tensor, clip: Tensor | None = None) -> dict[str, Tensor]:
     """ComfyUI's tensors of an NVFP4 weight: `weight` uint8 (out, K/2), `weight_scale` fp8 (swizzled),
     `weight_scale_2` float32 scalar (what comfy-kitchen's `TensorCoreNVFP4Layout.quantize` stores
-    when `clip` is None)."""
+    when `clip` is None). Rows are zero-padded to a multiple of 16, as comfy-kitchen pads them."""
     w = w.detach()
     s2 = global_scale(w)
+    pad = roundup(w.shape[0], BLOCK) - w.shape[0]
+    if pad:
+        w = torch.nn.functional.pad(w, (0, 0, 0, pad))
+        clip = None if clip is None else torch.nn.functional.pad(clip, (0, 0, 0, pad), value=1.0)
     sb = block_scales(w, s2, clip)
     _, v = quantize_blocks(w, s2, sb)
     return {
@@ -198,14 +207,19 @@ def quantize_weight(w: Tensor, clip: Tensor | None = None) -> dict[str, Tensor]:
 
 
 def dequantize_weight(
-    weight: Tensor, weight_scale: Tensor, weight_scale_2: Tensor, dtype: torch.dtype = torch.float32
+    weight: Tensor,
+    weight_scale: Tensor,
+    weight_scale_2: Tensor,
+    dtype: torch.dtype = torch.float32,
+    out_features: int | None = None,
 ) -> Tensor:
-    """`q · (s2 · s_b)` in `dtype` from the stored tensors, as comfy-kitchen's `dequantize_nvfp4`."""
+    """`q · (s2 · s_b)` in `dtype` from the stored tensors, as comfy-kitchen's `dequantize_nvfp4`
+    (cut to `out_features` rows when the stored rows are padded)."""
     rows, k = weight.shape[0], weight.shape[1] * 2
     sb = unswizzle_scales(weight_scale.view(torch.float8_e4m3fn), rows, k // BLOCK)
     scale = weight_scale_2.to(dtype) * sb.to(dtype)
     q = e2m1_values(unpack_fp4(weight), dtype).reshape(rows, -1, BLOCK)
-    return (q * scale.unsqueeze(-1)).reshape(rows, k)
+    return (q * scale.unsqueeze(-1)).reshape(rows, k)[: out_features or rows]
 
 
 def nvfp4_linear(
@@ -220,7 +234,7 @@ def nvfp4_linear(
 ) -> Tensor:
     """An NVFP4 layer in PyTorch: dequantized weight, input quantized per call as ComfyUI does on
     FP4 GPUs (`quantize_input=False`: the W4A16 path ComfyUI takes on every other device)."""
-    w = dequantize_weight(weight, weight_scale, weight_scale_2, x.dtype)
+    w = dequantize_weight(weight, weight_scale, weight_scale_2, x.dtype, None if bias is None else bias.shape[0])
     if quantize_input:
         x = fake_quant(x, input_scale)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -291,3 +305,131 @@ class NVFP4ActQuantizer(nn.Module):
         if not self.amax > 0:  # an all-zero input: nothing to quantize yet
             return x
         return fake_quant(x, self.input_scale(), out_dtype=x.dtype)
+
+
+# ---- inference form ----------------------------------------------------------------------------------
+class NVFP4Linear(nn.Module):
+    """Inference form of a ComfyUI `nvfp4` layer, with ComfyUI's tensor names: dequantized weight,
+    input quantized as on FP4 GPUs (`quantize_input = False`: ComfyUI's path everywhere else)."""
+
+    keep_dtype = ("weight_scale", "weight_scale_2", "input_scale")  # stored dtypes, never the compute dtype
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        *,
+        input_scale: bool = True,
+        quantize_input: bool = True,
+    ) -> None:
+        super().__init__()
+        if in_features % BLOCK:
+            raise ValueError(f"NVFP4 needs in_features divisible by {BLOCK}, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.quantize_input = quantize_input
+        rows = roundup(out_features, BLOCK)
+        frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
+        # `weight_scale_2` first: `next(module.parameters()).dtype` must be a float dtype (see PackedLinear)
+        self.weight_scale_2 = frozen(torch.ones((), device=device))
+        self.weight = frozen(torch.zeros(rows, in_features // 2, dtype=torch.uint8, device=device))
+        sb = torch.zeros(roundup(rows, TILE_ROWS), roundup(in_features // BLOCK, TILE_COLS), device=device)
+        self.weight_scale = frozen(sb.to(torch.float8_e4m3fn))
+        self.input_scale = frozen(torch.ones((), device=device)) if input_scale else None
+        self.bias = frozen(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.dequantize_weight(x.dtype)
+        if self.quantize_input:
+            x = fake_quant(x, self.input_scale)
+        return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_weight(self.weight, self.weight_scale, self.weight_scale_2, dtype, self.out_features)
+
+    def extra_repr(self) -> str:
+        a = 4 if self.quantize_input else 16
+        return f"in={self.in_features}, out={self.out_features}, W4A{a}, nvfp4"
+
+
+# ---- the scheme ----------------------------------------------------------------------------------------
+def check(config: QVGenConfig) -> str | None:
+    """NVFP4 fixes the arithmetic: FP4 weights and inputs, no input transform ComfyUI could not apply."""
+    if config.weight_bits != 4:
+        return f"weight_bits: scheme 'nvfp4' stores 4-bit (e2m1) weights, got {config.weight_bits!r}"
+    if config.act_bits != 4:
+        return f"act_bits: scheme 'nvfp4' quantizes inputs to 4-bit e2m1 (4), got {config.act_bits!r}"
+    if config.input_transform != "none":
+        return (
+            "input_transform: ComfyUI's nvfp4 layers apply no rotation or smoothing; "
+            f"scheme 'nvfp4' expects 'none', got {config.input_transform!r}"
+        )
+    return None
+
+
+def unsupported(in_features: int) -> str | None:
+    if in_features % BLOCK == 0:
+        return None
+    return f"NVFP4 needs in_features divisible by {BLOCK}: {in_features} is not"
+
+
+def quantizers(out_features: int, in_features: int, config: QVGenConfig) -> tuple[nn.Module, nn.Module]:
+    return NVFP4WeightQuantizer(out_features, in_features), NVFP4ActQuantizer(in_features)
+
+
+def comfy_layer_conf(config: QVGenConfig) -> dict:
+    """The per-layer entry ComfyUI reads (`comfy_quant` / `_quantization_metadata`)."""
+    return {"format": COMFY_FORMAT}
+
+
+@torch.no_grad()
+def export(layer: Any) -> dict[str, Tensor]:
+    """ComfyUI's `nvfp4` tensors of a trained `QVGenLinear` (Φ must have decayed to rank 0)."""
+    if layer.rank > 0:
+        raise ValueError(
+            f"layer has Φ rank {layer.rank}; ComfyUI's nvfp4 format has no low-rank branch "
+            "(train until the rank decay reaches 0)"
+        )
+    out = layer.weight_quantizer.export(layer.weight)
+    aq = layer.act_quantizer
+    if not aq.amax > 0:
+        raise ValueError("its input scale was never calibrated (run at least one forward pass before export)")
+    out["input_scale"] = aq.export_scale()
+    if layer.bias is not None:
+        out["bias"] = layer.bias.detach().float().clone()
+    return out
+
+
+def shell(
+    linear: nn.Module, config: QVGenConfig, rank: int, dtype: torch.dtype, device: torch.device | str
+) -> NVFP4Linear:
+    if rank:
+        raise ValueError("NVFP4 layers have no Φ: the rank must have decayed to 0")
+    return NVFP4Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, device)
+
+
+def pack(layer: Any, config: QVGenConfig, dtype: torch.dtype, name: str) -> NVFP4Linear:
+    out = shell(layer, config, 0, dtype, layer.weight.device)
+    out.load_state_dict({k: v.to(getattr(out, k).dtype) for k, v in export(layer).items()})
+    return out
+
+
+SCHEME = Scheme(
+    name=COMFY_FORMAT,
+    file_format="comfy",
+    check=check,
+    unsupported=unsupported,
+    quantizers=quantizers,
+    rotate=None,
+    export=export,
+    shell=shell,
+    pack=pack,
+    inference_types=(NVFP4Linear,),
+)

@@ -21,6 +21,7 @@ from ..api import save_quantized
 from ..config import SCHEMES, QVGenConfig
 from ..decay import RankDecaySchedule
 from ..quantizers import ZERO_POINT_GRADS
+from ..schemes import get_scheme
 from ..transforms import TRANSFORMS
 from .data import DataError
 from .distributed import PARALLEL_MODES, TEACHER_PLACEMENTS, init_distributed
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(SCHEMES),
         default="qvgen",
         help="qvgen: the paper's W/A quantizers, packed QVGen checkpoint; convrot_w4a4: ComfyUI's native ConvRot "
-        "arithmetic (Hadamard-256 rotation, symmetric int4 per row and per token), exported as one ComfyUI "
+        "arithmetic (Hadamard-256 rotation, symmetric int4 per row and per token); nvfp4: ComfyUI's NVFP4 (e2m1 "
+        "with fp8 scales per 16 elements, FP4 tensor cores on RTX 50 / B200); both exported as one ComfyUI "
         ".safetensors file that the stock loader runs",
     )
     q.add_argument(
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TRANSFORMS,
         default=None,
         help="per-layer input transform against activation error (default: smooth for --scheme qvgen, the best "
-        "measured on the demo; none for convrot_w4a4, which rotates by itself)",
+        "measured on the demo; none for convrot_w4a4 and nvfp4, which ComfyUI runs without one)",
     )
     q.add_argument("--smooth-alpha", type=float, default=QVGenConfig.smooth_alpha, help="SmoothQuant strength")
     q.add_argument(
@@ -172,9 +174,9 @@ def quant_config(args: argparse.Namespace) -> QVGenConfig:
 
 
 def export_path(args: argparse.Namespace) -> Path:
-    """Where the export goes: the `transformer` folder, or ComfyUI's single file for ConvRot."""
-    if args.scheme == "convrot_w4a4":
-        return args.output / "comfyui" / "diffusion_model_convrot_w4a4.safetensors"
+    """Where the export goes: the `transformer` folder, or ComfyUI's single file (ConvRot, NVFP4)."""
+    if get_scheme(args.scheme).file_format == "comfy":
+        return args.output / "comfyui" / f"diffusion_model_{args.scheme}.safetensors"
     return args.output / "transformer"
 
 
@@ -238,12 +240,12 @@ def run(args: argparse.Namespace) -> Path:
     if not result.is_main_process:
         return export_path(args)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.export_dtype]
-    if qconfig.scheme == "convrot_w4a4":
+    if get_scheme(qconfig.scheme).file_format == "comfy":
         from ..adapters.comfy.native import export_comfy
 
         report = export_comfy(result.student, qconfig, export_path(args), dtype=dtype)
         logging.getLogger("qvgen.train").info("%s", report)
-        print(f"ComfyUI ConvRot W4A4 checkpoint written to {report.path} (load it with 'Load Diffusion Model')")
+        print(f"ComfyUI {qconfig.scheme} checkpoint written to {report.path} (load it with 'Load Diffusion Model')")
         return report.path
     export = save_quantized(result.student, qconfig, export_path(args), dtype=dtype)
     logging.getLogger("qvgen.train").info("exported %s", export)

@@ -1,26 +1,32 @@
-"""ComfyUI's native checkpoint format for ConvRot W4A4 models: export, inspection and loading.
+"""ComfyUI's native checkpoint format (ConvRot W4A4, NVFP4 models): export, inspection and loading.
 
-A model trained with `scheme="convrot_w4a4"` is written as one `.safetensors` file that current
-ComfyUI loads with its stock "Load Diffusion Model" node and runs with comfy-kitchen's kernels
-(no custom node):
+A model trained with a scheme whose file format is "comfy" (`convrot_w4a4`, `nvfp4`) is written as
+one `.safetensors` file that current ComfyUI loads with its stock "Load Diffusion Model" node and
+runs with comfy-kitchen's kernels (no custom node):
 
 - tensors under ComfyUI's Wan names (`blocks.0.self_attn.q.weight`, see `qvgen.adapters.comfy.names`);
 - per quantized layer: `weight` int8 `(out, K/2)` (packed signed int4), `weight_scale` float32
   `(out,)`, `bias` in the export dtype, and `comfy_quant`, a uint8 tensor holding the layer's JSON
   (`{"format": "convrot_w4a4", "convrot_groupsize": 256}`), which ComfyUI's mixed-precision
-  loader reads;
+  loader reads; an `nvfp4` layer has instead `weight` uint8 `(out, K/2)` (packed e2m1), `weight_scale`
+  fp8 e4m3 (block scales, cuBLAS-swizzled), `weight_scale_2` and `input_scale` float32 scalars
+  (`{"format": "nvfp4"}`; see `qvgen.schemes.nvfp4`);
 - header metadata `_quantization_metadata` = `{"format_version": "1.0", "layers": {name: conf}}`,
   the same per-layer entries (ComfyUI's `convert_old_quants` turns it into `comfy_quant` tensors),
   plus QVGen's own `quantization_config` (scheme `convrot_w4a4`) and `model_config`, so
   `qvgen.load_quantized_model` can rebuild the model;
-- every other tensor (norms, patch embedding, layers ComfyUI cannot run as ConvRot because K is
-  not a multiple of 256) in the export dtype, bf16 by default.
+- every other tensor (norms, patch embedding, layers the scheme cannot run: ConvRot needs K a
+  multiple of 256, NVFP4 a multiple of 16) in the export dtype, bf16 by default.
+
+Each ComfyUI layer format is one row of `LAYER_FORMATS`: its `comfy_quant` entry, the checks of its
+tensors, and the PyTorch layer that runs it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +39,9 @@ from ...atomic import atomic_file
 from ...checkpoint import CheckpointError, jsonable, read_safetensors, unquantized_tensors
 from ...config import FORMAT_VERSION, ConfigError, QVGenConfig
 from ...layers import QVGenLinear
-from ...schemes import convrot, get_scheme
+from ...schemes import convrot, get_scheme, nvfp4
 from ...schemes.convrot import ConvRotLinear
+from ...schemes.nvfp4 import NVFP4Linear
 from ...surgery import unsupported_reason
 from ..diffusers_models import empty_model
 from .names import comfy_to_diffusers, diffusers_to_comfy, to_comfy_state_dict, to_diffusers_state_dict
@@ -46,7 +53,7 @@ COMFY_QUANT_VERSION = "1.0"
 
 
 class ComfyNativeError(ValueError):
-    """A ConvRot export or a ComfyUI-native file is not what this module expects (names file and tensor)."""
+    """A ComfyUI-native export or file is not what this module expects (names file and tensor)."""
 
 
 @dataclass
@@ -57,10 +64,11 @@ class ComfyExportReport:
     quantized: list[str] = field(default_factory=list)
     full_precision: dict[str, str] = field(default_factory=dict)  # ComfyUI name → reason
     bytes: int = 0
+    layer_format: str = convrot.COMFY_FORMAT
 
     def __str__(self) -> str:
         text = (
-            f"{self.path}: {len(self.quantized)} convrot_w4a4 layers, "
+            f"{self.path}: {len(self.quantized)} {self.layer_format} layers, "
             f"{len(self.full_precision)} linear layers kept in full precision, {self.bytes / 2**20:.1f} MiB"
         )
         for name, why in sorted(self.full_precision.items()):
@@ -84,8 +92,8 @@ def comfy_native_state_dict(
 ) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str]]:
     """ComfyUI-named tensors, per-layer `comfy_quant` entries, and the linear layers left in full precision."""
 
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (QVGenLinear, ConvRotLinear))}
-    conf = convrot.comfy_layer_conf(config.act_bits)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (QVGenLinear, *COMFY_LAYER_TYPES))}
+    conf = layer_format(config.scheme).conf(config)
     out: dict[str, Tensor] = {}
     for name, module in layers.items():
         try:
@@ -132,15 +140,18 @@ def export_comfy(
     model_config: dict[str, Any] | None = None,
     dtype: torch.dtype | None = torch.bfloat16,
 ) -> ComfyExportReport:
-    """Write a `convrot_w4a4` model as one ComfyUI-native `.safetensors` file (atomically).
+    """Write a `convrot_w4a4` or `nvfp4` model as one ComfyUI-native `.safetensors` file (atomically).
 
     `model` is a training-form model (`QVGenLinear` layers with Φ at rank 0) or one loaded with
-    `load_comfy_native`. Linear layers whose K is not a multiple of 256 were never converted and
-    are stored in `dtype`, as ComfyUI expects of a layer without a `comfy_quant` entry.
+    `load_comfy_native`. Linear layers the scheme cannot run were never converted and are stored in
+    `dtype`, as ComfyUI expects of a layer without a `comfy_quant` entry.
     """
 
-    if config.scheme != "convrot_w4a4":
-        raise ComfyNativeError(f"export_comfy needs scheme 'convrot_w4a4', the config has {config.scheme!r}")
+    if config.scheme not in LAYER_FORMATS:
+        raise ComfyNativeError(
+            f"export_comfy needs a scheme with a ComfyUI layer format {sorted(LAYER_FORMATS)}, "
+            f"the config has {config.scheme!r}"
+        )
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ComfyNativeError(f"{path}: a ComfyUI diffusion model is one file ending in .safetensors")
@@ -157,13 +168,13 @@ def export_comfy(
         "format": "pt",
     }
     atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    return ComfyExportReport(path, sorted(quant), kept, path.stat().st_size)
+    return ComfyExportReport(path, sorted(quant), kept, path.stat().st_size, config.scheme)
 
 
 # ---- reading -------------------------------------------------------------------------------------
 @dataclass
 class ComfyNativeFile:
-    """A ComfyUI-native ConvRot file: tensors (ComfyUI names), per-layer confs, our config if present."""
+    """A ComfyUI-native file: tensors (ComfyUI names), per-layer confs, our config if present."""
 
     path: Path
     state_dict: dict[str, Tensor]
@@ -216,24 +227,38 @@ def _validate_layer(path: Path, state: dict[str, Tensor], name: str, conf: dict)
         raise ComfyNativeError(f"{path}: tensor '{name}.{key}': expected {what}, got {got}")
 
     fmt = conf.get("format")
-    if fmt != convrot.COMFY_FORMAT:
-        raise ComfyNativeError(f"{path}: layer '{name}': format {fmt!r}; this loader reads only 'convrot_w4a4'")
+    if fmt not in LAYER_FORMATS:
+        raise ComfyNativeError(f"{path}: layer '{name}': format {fmt!r}; this loader reads {sorted(LAYER_FORMATS)}")
+    why = LAYER_FORMATS[fmt].conf_error(conf)
+    if why:
+        raise ComfyNativeError(f"{path}: layer '{name}': {why}")
+    LAYER_FORMATS[fmt].validate(state, name, fail)
+
+
+def _need(state: dict[str, Tensor], name: str, key: str, fail: Callable[[str, str, Any], None]) -> Tensor:
+    t = state.get(f"{name}.{key}")
+    if t is None:
+        fail(key, "a tensor", "nothing (missing)")
+    return t
+
+
+def _convrot_conf_error(conf: dict) -> str | None:
     group = int(conf.get("convrot_groupsize", convrot.CONVROT_GROUP))
     if group != convrot.CONVROT_GROUP:
-        raise ComfyNativeError(f"{path}: layer '{name}': convrot_groupsize {group}; expected {convrot.CONVROT_GROUP}")
+        return f"convrot_groupsize {group}; expected {convrot.CONVROT_GROUP}"
     if conf.get("linear_dtype", "int4") not in ("int4", "int8"):
-        raise ComfyNativeError(f"{path}: layer '{name}': linear_dtype {conf['linear_dtype']!r}; expected int4 or int8")
-    w = state.get(f"{name}.weight")
-    if w is None:
-        fail("weight", "a tensor", "nothing (missing)")
+        return f"linear_dtype {conf['linear_dtype']!r}; expected int4 or int8"
+    return None
+
+
+def _convrot_validate(state: dict[str, Tensor], name: str, fail: Callable[[str, str, Any], None]) -> None:
+    w = _need(state, name, "weight", fail)
     if w.dtype not in (torch.int8, torch.uint8) or w.dim() != 2:
         fail("weight", "a 2-D int8 tensor (packed int4)", f"{w.dtype} of shape {tuple(w.shape)}")
     k = w.shape[1] * 2
-    if not convrot.supports(k, group):
-        fail("weight", f"K = 2 × columns divisible by {group}", f"K = {k}")
-    s = state.get(f"{name}.weight_scale")
-    if s is None:
-        fail("weight_scale", "a tensor", "nothing (missing)")
+    if not convrot.supports(k, convrot.CONVROT_GROUP):
+        fail("weight", f"K = 2 × columns divisible by {convrot.CONVROT_GROUP}", f"K = {k}")
+    s = _need(state, name, "weight_scale", fail)
     if not s.is_floating_point() or s.numel() != w.shape[0]:
         fail("weight_scale", f"{w.shape[0]} floats (one per output row)", f"{s.dtype} of shape {tuple(s.shape)}")
     b = state.get(f"{name}.bias")
@@ -241,7 +266,73 @@ def _validate_layer(path: Path, state: dict[str, Tensor], name: str, conf: dict)
         fail("bias", f"shape ({w.shape[0]},)", tuple(b.shape))
 
 
+def _nvfp4_validate(state: dict[str, Tensor], name: str, fail: Callable[[str, str, Any], None]) -> None:
+    w = _need(state, name, "weight", fail)
+    if w.dtype != torch.uint8 or w.dim() != 2 or w.shape[0] % nvfp4.BLOCK or (w.shape[1] * 2) % nvfp4.BLOCK:
+        fail("weight", "a 2-D uint8 tensor (packed e2m1, rows and K multiples of 16)", f"{w.dtype} {tuple(w.shape)}")
+    rows, k = w.shape[0], w.shape[1] * 2
+    s = _need(state, name, "weight_scale", fail)
+    want = (nvfp4.roundup(rows, nvfp4.TILE_ROWS), nvfp4.roundup(k // nvfp4.BLOCK, nvfp4.TILE_COLS))
+    if s.dtype not in (torch.float8_e4m3fn, torch.uint8) or tuple(s.shape) != want:
+        fail("weight_scale", f"float8_e4m3fn block scales of shape {want} (swizzled)", f"{s.dtype} {tuple(s.shape)}")
+    for key in ("weight_scale_2", "input_scale"):
+        t = state.get(f"{name}.{key}") if key == "input_scale" else _need(state, name, key, fail)
+        if t is not None and (not t.is_floating_point() or t.numel() != 1):
+            fail(key, "one float (a per-tensor scale)", f"{t.dtype} of shape {tuple(t.shape)}")
+    b = state.get(f"{name}.bias")
+    if b is not None and (b.dim() != 1 or not rows - nvfp4.BLOCK < b.shape[0] <= rows):
+        fail("bias", f"one value per output row ({rows} rows stored, padded to 16)", tuple(b.shape))
+
+
 # ---- loading into a PyTorch model ---------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerFormat:
+    """One ComfyUI layer format: its `comfy_quant` entry for a config, the checks of a layer's conf and
+    tensors, and `build(linear, conf, has, dtype, options)`, the PyTorch layer that runs it (`has`: the
+    names of the layer's tensors in the file; `options`: `load_comfy_native`'s overrides)."""
+
+    conf: Callable[[QVGenConfig], dict]
+    conf_error: Callable[[dict], str | None]
+    validate: Callable[[dict[str, Tensor], str, Callable[[str, str, Any], None]], None]
+    build: Callable[[nn.Module, dict, set[str], torch.dtype, dict[str, Any]], nn.Module]
+
+
+def _convrot_build(linear: nn.Module, conf: dict, has: set[str], dtype: torch.dtype, options: dict) -> nn.Module:
+    bits = options.get("act_bits") or act_bits_of(conf)
+    return ConvRotLinear(linear.in_features, linear.out_features, linear.bias is not None, bits, dtype)
+
+
+def _nvfp4_build(linear: nn.Module, conf: dict, has: set[str], dtype: torch.dtype, options: dict) -> nn.Module:
+    q = options.get("quantize_input")
+    return NVFP4Linear(
+        linear.in_features,
+        linear.out_features,
+        linear.bias is not None,
+        dtype,
+        input_scale="input_scale" in has,
+        quantize_input=True if q is None else q,
+    )
+
+
+LAYER_FORMATS: dict[str, LayerFormat] = {
+    convrot.COMFY_FORMAT: LayerFormat(
+        lambda c: convrot.comfy_layer_conf(c.act_bits), _convrot_conf_error, _convrot_validate, _convrot_build
+    ),
+    nvfp4.COMFY_FORMAT: LayerFormat(nvfp4.comfy_layer_conf, lambda conf: None, _nvfp4_validate, _nvfp4_build),
+}
+COMFY_LAYER_TYPES = (ConvRotLinear, NVFP4Linear)
+
+
+def layer_format(scheme: str) -> LayerFormat:
+    """The ComfyUI layer format a scheme exports to (its name is the format's)."""
+    try:
+        return LAYER_FORMATS[scheme]
+    except KeyError:
+        raise ComfyNativeError(
+            f"scheme {scheme!r} has no ComfyUI layer format; expected one of {sorted(LAYER_FORMATS)}"
+        ) from None
+
+
 def act_bits_of(conf: dict) -> int:
     """Token bits a layer runs with: 8 when flagged `linear_dtype: "int8"`, else 4 (int4 MMA, eager)."""
     return 8 if conf.get("linear_dtype") == "int8" else 4
@@ -254,12 +345,15 @@ def load_comfy_native(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     act_bits: int | None = None,
+    quantize_input: bool | None = None,
 ) -> nn.Module:
-    """Run a ComfyUI-native ConvRot file in PyTorch: `ConvRotLinear` for its quantized layers.
+    """Run a ComfyUI-native file in PyTorch: `ConvRotLinear` / `NVFP4Linear` for its quantized layers.
 
     `model` is an (empty) diffusers Wan transformer to fill; without it the model is built from
-    the file's `model_config` (written by `export_comfy`). `act_bits` overrides the token bits
-    (default: what each layer's entry says — 4, or 8 for `linear_dtype: "int8"`).
+    the file's `model_config` (written by `export_comfy`). `act_bits` overrides ConvRot's token bits
+    (default: what each layer's entry says — 4, or 8 for `linear_dtype: "int8"`). `quantize_input`
+    (NVFP4): True (default) quantizes inputs as ComfyUI does on FP4 GPUs (RTX 50, B200); False is
+    what ComfyUI computes on every other device (dequantized weight, unquantized input).
     """
     f = read_comfy_native(path)
     if model is None:
@@ -273,21 +367,30 @@ def load_comfy_native(
         except AttributeError:
             raise ComfyNativeError(f"{f.path}: layer '{comfy_name}' ({name}) is not in the model") from None
         k = state[f"{name}.weight"].shape[1] * 2
-        if (linear.in_features, linear.out_features) != (k, state[f"{name}.weight"].shape[0]):
+        if linear.in_features != k:
             raise ComfyNativeError(
                 f"{f.path}: tensor '{comfy_name}.weight': expected a layer {linear.in_features}→"
-                f"{linear.out_features}, got K={k}, out={state[f'{name}.weight'].shape[0]}"
+                f"{linear.out_features}, got K={k}"
             )
-        layer = ConvRotLinear(k, linear.out_features, linear.bias is not None, act_bits or act_bits_of(conf), dtype)
+        has = {key[len(name) + 1 :] for key in state if key.startswith(f"{name}.")}
+        options = {"act_bits": act_bits, "quantize_input": quantize_input}
+        layer = LAYER_FORMATS[conf["format"]].build(linear, conf, has, dtype, options)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     _load_strict(model, state, f.path)
     model.to(device=device)
     for m in model.modules():  # full-precision tensors follow the compute dtype; codes and scales keep theirs
         for pname, p in list(m.named_parameters(recurse=False)):
-            if p.is_floating_point() and not (isinstance(m, ConvRotLinear) and pname == "weight_scale"):
+            if p.is_floating_point() and pname not in _keep_dtype(m):
                 setattr(m, pname, nn.Parameter(p.data.to(dtype), requires_grad=False))
     return model.eval()
+
+
+def _keep_dtype(m: nn.Module) -> tuple[str, ...]:
+    """Tensors of a quantized layer whose stored dtype is part of the format (scales), not the compute dtype."""
+    if isinstance(m, ConvRotLinear):
+        return ("weight_scale",)
+    return getattr(m, "keep_dtype", ())
 
 
 def _build_model(f: ComfyNativeFile) -> nn.Module:
@@ -313,14 +416,15 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], path: Path) -> None
     fixed = {}
     for k, v in state.items():
         want = expected[k].dtype
-        fixed[k] = v.view(torch.int8) if want == torch.int8 and v.dtype == torch.uint8 else v.to(want)
+        raw = v.dtype == torch.uint8 and want in (torch.int8, torch.float8_e4m3fn)  # bytes stored as uint8
+        fixed[k] = v.view(want) if raw else v.to(want)
     model.load_state_dict(fixed, strict=True, assign=True)
 
 
 def is_comfy_native(meta: dict[str, str]) -> bool:
-    """Whether safetensors metadata marks a ConvRot file written by `export_comfy`."""
+    """Whether safetensors metadata marks a ComfyUI-native file written by `export_comfy`."""
     raw = meta.get(META_QCONFIG)
     try:
-        return raw is not None and json.loads(raw).get("scheme") == "convrot_w4a4"
+        return raw is not None and json.loads(raw).get("scheme") in LAYER_FORMATS
     except (json.JSONDecodeError, AttributeError):
         return False
