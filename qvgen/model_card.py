@@ -13,6 +13,21 @@ from typing import Any
 
 from .config import QVGenConfig
 
+# schemes shipped in ComfyUI's own format: (weights, activations, format) rows of the card
+COMFY_NATIVE = {
+    "convrot_w4a4": (
+        "4-bit integers of the Hadamard-256-rotated weight, per output row, symmetric, learned scale",
+        "int4 per token (int8 on GPUs without int4 tensor cores, or when the file asks for it)",
+        "ComfyUI-native `convrot_w4a4` (comfy-kitchen `TensorCoreConvRotW4A4Layout`)",
+    ),
+    "nvfp4": (
+        "FP4 (e2m1) with an fp8 scale per 16 inputs and a global scale; learned block clips",
+        "FP4 per 16-element block with a learned static global scale (`input_scale`), on GPUs with FP4 "
+        "tensor cores (RTX 50, B200); other devices run the layers with unquantized inputs",
+        "ComfyUI-native `nvfp4` (comfy-kitchen `TensorCoreNVFP4Layout`)",
+    ),
+}
+
 PIPELINE_FOR_TRANSFORMER = {
     "WanTransformer3DModel": "WanPipeline",
     "CogVideoXTransformer3DModel": "CogVideoXPipeline",
@@ -118,6 +133,8 @@ def _body(info: CardInfo) -> str:
         if is_hub_id(info.base_model)
         else f"`{info.base_model}`"
     )
+    if c.scheme in COMFY_NATIVE:
+        return _comfy_native_body(info, name, base_link)
     parts = [
         f"# {name}\n",
         f"{info.bits} version of {base_link}, {METHODS.get(info.method, info.method)}"
@@ -155,6 +172,41 @@ def _body(info: CardInfo) -> str:
     parts += ["## Use in ComfyUI\n", _comfyui_usage(info)]
     parts += ["## License\n", _license(info)]
     parts += [
+        "## Citation\n",
+        CITATION,
+    ]
+    return "\n".join(parts)
+
+
+def _comfy_native_body(info: CardInfo, name: str, base_link: str) -> str:
+    """The card of a model shipped as one ComfyUI-native file (no diffusers folder in the repo)."""
+    c = info.config
+    weights, acts, fmt = COMFY_NATIVE[c.scheme]
+    rows = [("weights", weights), ("activations", acts), ("quantized layers", _patterns(c.modules_to_convert))]
+    rows += [("kept in full precision", _patterns(c.modules_to_not_convert) if c.modules_to_not_convert else "none")]
+    rows += [("auxiliary module Φ", "decayed to rank 0 during training (removed)"), ("format", fmt)]
+    rows += [(label, _size(n)) for label, n in info.sizes.items()]
+    fname = info.single_file.split("/")[-1]
+    parts = [
+        f"# {name}\n",
+        f"{info.bits} ({c.scheme}) version of {base_link}, {METHODS.get(info.method, info.method)}. "
+        f"Made with [QVGen]({PROJECT}) ([paper]({PAPER})).\n",
+        "## Quantization\n",
+        _table(rows),
+        "## Training\n",
+        _training(info),
+        "## Metrics\n",
+        _metrics(info.metrics),
+        "## Use in ComfyUI\n",
+        f"Download `{info.single_file}` into `ComfyUI/models/diffusion_models/` "
+        f"(`python -m qvgen.hub pull {info.repo_id} --what comfyui --local-dir ComfyUI/models/diffusion_models`) "
+        f"and pick `{fname}` in ComfyUI's stock **Load Diffusion Model** node; no custom node is needed.\n",
+        "## Use in PyTorch\n",
+        "```python\nimport qvgen\nfrom huggingface_hub import hf_hub_download\n\n"
+        f'transformer = qvgen.load_quantized_model(hf_hub_download("{info.repo_id}", "{info.single_file}"))\n```\n\n'
+        "QVGen's loader runs the layers in PyTorch (dequantized weights, the format's input quantization).\n",
+        "## License\n",
+        _license(info),
         "## Citation\n",
         CITATION,
     ]

@@ -372,3 +372,32 @@ def test_export_refuses_uncalibrated_inputs_and_malformed_files_name_the_tensor(
     save_file(sd, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(ComfyNativeError, match=r"bad\.safetensors.*blocks\.0\.self_attn\.k\.weight_scale.*\(128, 4\)"):
         read_comfy_native(tmp_path / "bad.safetensors")
+
+
+# ---- the Hub ---------------------------------------------------------------------------------------------
+def test_hub_push_stages_the_comfyui_file_with_its_card(tmp_path):
+    """`python -m qvgen.hub push RUN REPO --dry-run DIR` on a run whose export is an NVFP4 file: the repo
+    is that file under comfyui/, the base model's license and a card that says how ComfyUI loads it."""
+    from qvgen.hub import find_source, main
+
+    model, _ = _converted()
+    run = tmp_path / "run"
+    export_comfy(model, QVGenConfig(**CFG), run / "comfyui" / "diffusion_model_nvfp4.safetensors")
+    (run / "train_config.json").write_text(json.dumps({"options": {"steps": 60, "lr": 3e-5}, "quantization": {}}))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "LICENSE").write_text("Apache License 2.0 (test copy)\n")
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n")
+    src = find_source(run)
+    assert src.comfy_file.name == "diffusion_model_nvfp4.safetensors" and src.run_dir == run
+    assert main(["push", str(run), "org/wan-nvfp4", "--base-model", str(base), "--dry-run", str(tmp_path / "s")]) == 0
+    staged = tmp_path / "s"
+    assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == [
+        "LICENSE",
+        "README.md",
+        "comfyui/wan-nvfp4.safetensors",
+    ]
+    assert read_comfy_native(staged / "comfyui" / "wan-nvfp4.safetensors").config.scheme == "nvfp4"
+    card = (staged / "README.md").read_text()
+    assert "ComfyUI-native `nvfp4`" in card and "stock **Load Diffusion Model**" in card
+    assert "- nvfp4" in card and "| steps | 60 |" in card

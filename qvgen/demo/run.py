@@ -33,6 +33,12 @@ from .provenance import environment
 from .report import plot_losses, write_comparison_gif
 from .summary import aggregate, table
 
+# ComfyUI-native schemes compared beside the paper's int4 per-token W4A4: name → config fields. Each gets
+# its own PTQ / QAT / QVGen rows ("PTQ@nvfp4", …); PTQ is the format's own quantizer (round to nearest).
+SCHEME_COLUMNS: dict[str, dict[str, Any]] = {
+    "nvfp4": dict(scheme="nvfp4", input_transform="none"),
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -57,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=["none", "smooth"],
         help="input transforms to compare, comma-separated: none,hadamard,smooth,smooth_hadamard "
         "(none always runs; smooth measured best, see README)",
+    )
+    p.add_argument(
+        "--schemes",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=list(SCHEME_COLUMNS),
+        help=f"ComfyUI-native schemes to compare as well, comma-separated: {','.join(SCHEME_COLUMNS)} ('' for none)",
     )
     p.add_argument(
         "--train-transform",
@@ -137,11 +149,18 @@ def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
         out[f"PTQ{suffix}"] = QVGenConfig(rank=0, **base)
         out[f"QAT{suffix}"] = QVGenConfig(rank=0, **base)
         out[f"QVGen{suffix}"] = QVGenConfig(rank=args.rank, phase_steps=max(1, args.steps // phases), **base)
+    for scheme in args.schemes:
+        if scheme not in SCHEME_COLUMNS:
+            raise ValueError(f"--schemes: {scheme!r} is not one of {list(SCHEME_COLUMNS)}")
+        base = dict(n_buckets=10, modules_to_not_convert=list(args.keep), **SCHEME_COLUMNS[scheme])
+        out[f"PTQ@{scheme}"] = QVGenConfig(rank=0, **base)
+        out[f"QAT@{scheme}"] = QVGenConfig(rank=0, **base)
+        out[f"QVGen@{scheme}"] = QVGenConfig(rank=args.rank, phase_steps=max(1, args.steps // phases), **base)
     return out
 
 
 def _student(fp, cfg: QVGenConfig, dataset: LatentDataset, args: argparse.Namespace):
-    """A converted copy of the teacher; smoothing scales calibrated on a few training clips."""
+    """A converted copy of the teacher; smoothing and static input scales calibrated on a few training clips."""
     model = copy.deepcopy(fp).float().requires_grad_(True)
     batch = torch.stack(dataset.latents[:8]), torch.stack(dataset.texts[:8])
 
@@ -155,6 +174,8 @@ def _student(fp, cfg: QVGenConfig, dataset: LatentDataset, args: argparse.Namesp
             )
 
     convert_model(model, cfg, progress=False, calibrate=calibrate)
+    with torch.no_grad():
+        calibrate(model)  # static input scales (nvfp4) are set by the first inputs a layer sees
     return model
 
 

@@ -207,8 +207,6 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
 
 def run(args: argparse.Namespace) -> Path:
     qconfig = quant_config(args)  # validate settings before any heavy work
-    if args.push_to_hub and qconfig.scheme == "convrot_w4a4":
-        raise ValueError("--push-to-hub: not supported for --scheme convrot_w4a4 yet; upload the .safetensors file")
     opts = train_options(args)
     family = detect_family(args.model, args.revision)
     cache = args.cache or args.output / "cache"
@@ -246,10 +244,11 @@ def run(args: argparse.Namespace) -> Path:
         report = export_comfy(result.student, qconfig, export_path(args), dtype=dtype)
         logging.getLogger("qvgen.train").info("%s", report)
         print(f"ComfyUI {qconfig.scheme} checkpoint written to {report.path} (load it with 'Load Diffusion Model')")
-        return report.path
-    export = save_quantized(result.student, qconfig, export_path(args), dtype=dtype)
-    logging.getLogger("qvgen.train").info("exported %s", export)
-    print(f"QVGen checkpoint written to {export}")
+        export = report.path
+    else:
+        export = save_quantized(result.student, qconfig, export_path(args), dtype=dtype)
+        logging.getLogger("qvgen.train").info("exported %s", export)
+        print(f"QVGen checkpoint written to {export}")
     if args.push_to_hub:
         from ..hub import HubError, push_training_output
 
