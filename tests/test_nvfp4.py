@@ -212,7 +212,7 @@ def test_input_scale_learns_to_stop_clipping():
     loss.backward()
     assert act.clip.grad < 0  # a larger scale lowers the error
     exported = act.export_scale()  # the exact value the forward used: ComfyUI quantizes with it
-    assert torch.equal(exported, act.input_scale().detach()) and exported.shape == ()
+    assert torch.equal(exported, act.input_scale().detach().reshape(())) and exported.shape == ()
     assert torch.allclose(exported, 0.2 * x.abs().amax() / 2688, rtol=1e-6)
 
 

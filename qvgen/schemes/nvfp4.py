@@ -281,13 +281,14 @@ class NVFP4ActQuantizer(nn.Module):
 
     def __init__(self, in_features: int) -> None:
         super().__init__()
-        self.clip = nn.Parameter(torch.ones(()))
-        self.register_buffer("amax", torch.zeros(()))
+        # shape (1,), not (): sharding wrappers (FSDP) flatten and split parameters along dim 0
+        self.clip = nn.Parameter(torch.ones(1))
+        self.register_buffer("amax", torch.zeros(1))
         self.grad_factor = 1.0 / math.sqrt(in_features * E2M1_MAX)
 
     @torch.no_grad()
     def calibrate(self, x: Tensor) -> None:
-        amax = x.detach().abs().amax().float().reshape(())
+        amax = x.detach().abs().amax().float().reshape(1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX)
         self.amax.copy_(torch.maximum(self.amax, amax))
