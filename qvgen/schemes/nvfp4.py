@@ -2,7 +2,8 @@
 
 What comfy-kitchen computes, reproduced bit for bit (its eager `quantize_nvfp4` / `dequantize_nvfp4`):
 
-- a tensor `x` (rows × K, K a multiple of 16) is cut into blocks of 16 along K;
+- a tensor `x` (rows × K, K a multiple of 16; rows zero-padded to a multiple of 16) is cut into blocks
+  of 16 along K;
 - a global scale `s2` (float32 scalar): `amax|x| / (448 · 6)` by default (448 = fp8 e4m3 max, 6 = e2m1
   max), computed in `x`'s dtype; stored as `weight_scale_2` for weights, `input_scale` for activations;
 - per block an fp8 e4m3 scale `s_b = fp8(min(amax_block / 6 / s2, 448))` (round to nearest even;
@@ -19,7 +20,7 @@ FP4 tensor cores (compute capability ≥ 10: B200, RTX 50); elsewhere it dequant
 runs a plain bf16 linear with the input *not* quantized (W4A16).
 
 Learnable in training (the format stores the scales, so any value is deployable exactly):
-- weights: a clip factor per block in (0, 1] multiplying `amax_block` (LSQ-style gradient through
+- weights: a clip factor per block in [0.25, 1] multiplying `amax_block` (LSQ-style gradient through
   both roundings); at 1 the codes are exactly those of comfy-kitchen's quantizer. `s2` follows the
   weight (`amax / 2688`, as comfy-kitchen's quantizer picks it).
 - activations: `input_scale = clip · amax_calib / 2688`, with `amax_calib` the largest |input| of the
@@ -50,14 +51,6 @@ E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # code & 7 indexes this; c
 WEIGHT_CLIP_MIN = 0.25
 INPUT_CLIP_MIN = 1e-3
 TILE_ROWS, TILE_COLS = 128, 4  # cuBLAS block-scale tile
-
-
-def supports(in_features: int, out_features: int) -> bool:
-    """Whether a layer is exported as NVFP4: both dimensions multiples of 16 (every Wan linear layer).
-
-    ComfyUI would pad other shapes with zeros; this project keeps such layers in full precision.
-    """
-    return in_features % BLOCK == 0 and out_features % BLOCK == 0
 
 
 def roundup(n: int, m: int) -> int:
