@@ -1,21 +1,15 @@
-"""ComfyUI's native ConvRot W4A4 arithmetic, as a QAT target and as a PyTorch inference path.
-
-ConvRot (comfy-kitchen's `convrot_w4a4` layout, run by ComfyUI's stock loader) computes a linear
-layer as follows; this module reproduces it so QAT trains for exactly what ComfyUI will run:
+"""ConvRot (comfy-kitchen's `convrot_w4a4` layout) in plain PyTorch: rotation, int4 packing,
+per-token symmetric quantization and the exact integer GEMM; what `qvgen.schemes.convrot`
+trains for and its inference layer runs.
 
 - rotation: the input features are split into groups of 256 and each group is multiplied by the
-  regular Hadamard matrix `H = H4^{⊗4} / 16` (`H4` the 4×4 regular Hadamard). `H` is symmetric
-  and orthogonal, so `x Wᵀ = (x H)(W H)ᵀ`: the weight is stored rotated, the input is rotated
-  at run time;
-- weight: signed symmetric int4 in [-7, 7] with one scale per output row
-  (`q = clamp(round(W H / s), -7, 7)`), two codes per byte (even column in the low nibble),
-  stored as int8 `(out, K/2)`; the scale is float32 `(out,)`;
-- activations: each token (row) of `x H` is quantized the same way with its own absmax scale,
-  `s_x = max|x H| / 7` (int4 tensor cores and comfy-kitchen's eager backend); GPUs without int4
-  MMA (Hopper) or layers flagged `linear_dtype: "int8"` quantize tokens to int8 (`/ 127`) instead;
+  regular Hadamard matrix `H = H4^{⊗4} / 16`; `H` is symmetric and orthogonal, so
+  `x Wᵀ = (x H)(W H)ᵀ`: the weight is stored rotated, the input is rotated at run time;
+- weight: signed symmetric int4 in [-7, 7] with one scale per output row, two codes per byte
+  (even column in the low nibble), stored as int8 `(out, K/2)`;
+- activations: each token of `x H` quantized symmetrically with its own absmax scale
+  (`/ 7` for int4 tokens, `/ 127` for int8);
 - `y = s_x s_w (Σ q_x q_w) + bias`.
-
-K must be a multiple of 256 (the rotation group) and of 64 (the kernel's quantization group).
 """
 
 from __future__ import annotations
@@ -23,15 +17,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
-
-from .quantizers import grad_scale, round_ste
+from torch import Tensor
 
 CONVROT_GROUP = 256
 QUANT_GROUP = 64  # comfy-kitchen's int4 MMA group; ConvRot's scales are still one per row
 INT4_MAX = 7
 ABSMAX_MIN = 1e-10
-COMFY_FORMAT = "convrot_w4a4"
 
 _H4 = ((1, 1, 1, -1), (1, 1, -1, 1), (1, -1, 1, 1), (-1, 1, 1, 1))
 _cache: dict[tuple[int, str, torch.dtype], Tensor] = {}
@@ -80,11 +71,6 @@ def rotate(x: Tensor, group: int = CONVROT_GROUP) -> Tensor:
 def absmax_scale(x: Tensor, qmax: int) -> Tensor:
     """Per-row symmetric scale `max|x| / qmax` (kept ≥ 1e-10 / qmax, as comfy-kitchen does)."""
     return x.abs().amax(dim=-1, keepdim=True).clamp(min=ABSMAX_MIN) / qmax
-
-
-def fake_quant_symmetric(x: Tensor, scale: Tensor, qmax: int) -> Tensor:
-    """`s · clamp(round(x / s), -qmax, qmax)` with straight-through rounding."""
-    return scale * torch.clamp(round_ste(x / scale), -qmax, qmax)
 
 
 def quantize_codes(x: Tensor, scale: Tensor, qmax: int) -> Tensor:
@@ -138,14 +124,14 @@ def convrot_linear(
     x2 = rotate(x.reshape(-1, k).float(), group)
     qx, sx = quantize_acts(x2, act_bits)
     qw = unpack_int4(qweight)
-    acc = _int_matmul(qx, qw)
+    acc = int_matmul(qx, qw)
     y = acc * sx * weight_scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], qweight.shape[0])
 
 
-def _int_matmul(a: Tensor, b: Tensor) -> Tensor:
+def int_matmul(a: Tensor, b: Tensor) -> Tensor:
     """Exact `a @ bᵀ` of int8 matrices, as float32 (sums below 2^24 in every realistic layer)."""
     if a.device.type == "cpu" or (a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0):
         try:
@@ -153,58 +139,3 @@ def _int_matmul(a: Tensor, b: Tensor) -> Tensor:
         except RuntimeError:
             pass
     return (a.double() @ b.double().t()).float()
-
-
-# ---- training form -------------------------------------------------------------------------------
-class SymmetricWeightQuantizer(nn.Module):
-    """Per-output-row signed symmetric quantizer with a learnable scale (LSQ gradient scaling).
-
-    The scale is what gets exported as ComfyUI's `weight_scale`, so a learned one is deployed
-    exactly; it starts at the absmax scale ComfyUI's own quantizer would pick.
-    """
-
-    def __init__(self, out_features: int, in_features: int, bits: int = 4) -> None:
-        super().__init__()
-        self.bits = bits
-        self.qmax = signed_max(bits)
-        self.scale = nn.Parameter(torch.ones(out_features, 1))
-        self.grad_factor = 1.0 / math.sqrt(in_features * self.qmax)
-
-    @torch.no_grad()
-    def init_from(self, weight: Tensor) -> None:
-        self.scale.copy_(absmax_scale(weight.detach().float(), self.qmax))
-
-    def forward(self, weight: Tensor) -> Tensor:
-        s = grad_scale(self.scale, self.grad_factor).clamp(min=ABSMAX_MIN)
-        return fake_quant_symmetric(weight.float(), s, self.qmax).to(weight.dtype)
-
-    def export_scale(self) -> Tensor:
-        return self.scale.detach().float().clamp(min=ABSMAX_MIN).reshape(-1).clone()
-
-    def int_codes(self, weight: Tensor) -> Tensor:
-        return quantize_codes(weight, self.scale.detach().clamp(min=ABSMAX_MIN), self.qmax)
-
-
-class AbsmaxActQuantizer(nn.Module):
-    """Dynamic per-token signed symmetric quantizer (no parameters: ComfyUI has no clipping)."""
-
-    def __init__(self, bits: int = 4) -> None:
-        super().__init__()
-        self.bits = bits
-        self.qmax = signed_max(bits)
-
-    def forward(self, x: Tensor, bucket: Tensor | int = 0) -> Tensor:  # bucket: same call as ActQuantizer
-        xf = x.float()
-        return fake_quant_symmetric(xf, absmax_scale(xf, self.qmax), self.qmax).to(x.dtype)
-
-
-def comfy_layer_conf(act_bits: int, group: int = CONVROT_GROUP) -> dict:
-    """The per-layer entry ComfyUI reads (`comfy_quant` / `_quantization_metadata`).
-
-    `linear_dtype: "int8"` makes ComfyUI quantize tokens to int8 on every GPU; without it it
-    uses int4 tokens where the GPU has int4 MMA (and int8 elsewhere).
-    """
-    conf: dict = {"format": COMFY_FORMAT, "convrot_groupsize": group}
-    if act_bits == 8:
-        conf["linear_dtype"] = "int8"
-    return conf
