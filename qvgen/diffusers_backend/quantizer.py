@@ -234,8 +234,7 @@ class QVGenQuantizer(DiffusersQuantizer):
                 linear.weight.copy_(module.dequantize_weight(dtype))
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, linear)
+            model.set_submodule(name, linear)
         return model
 
     @property

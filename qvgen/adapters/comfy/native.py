@@ -279,8 +279,7 @@ def load_comfy_native(
                 f"{linear.out_features}, got K={k}, out={state[f'{name}.weight'].shape[0]}"
             )
         layer = ConvRotLinear(k, linear.out_features, linear.bias is not None, act_bits or act_bits_of(conf), dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        model.set_submodule(name, layer)
     _load_strict(model, state, f.path)
     model.to(device=device)
     for m in model.modules():  # full-precision tensors follow the compute dtype; codes and scales keep theirs
