@@ -249,9 +249,9 @@ def stage_upload(
     )
     info.license, info.license_name, info.license_link = _base_license(base)
     card = render_model_card(info)
-    (staging / "README.md").write_text(card)
+    card.save(staging / "README.md")
     files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-    return UploadPlan(staging, files, card, info)
+    return UploadPlan(staging, files, str(card), info)
 
 
 def _stage_comfy_file(src: Source, repo_id: str, staging: Path, base_model, base_revision, metrics, method):
@@ -292,9 +292,9 @@ def _stage_comfy_file(src: Source, repo_id: str, staging: Path, base_model, base
     )
     info.license, info.license_name, info.license_link = _base_license(base)
     card = render_model_card(info)
-    (staging / "README.md").write_text(card)
+    card.save(staging / "README.md")
     files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-    return UploadPlan(staging, files, card, info)
+    return UploadPlan(staging, files, str(card), info)
 
 
 def push(

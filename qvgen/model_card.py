@@ -3,6 +3,12 @@
 Everything on the card is read from what is uploaded: the `quantization_config`, the training
 run's `train_config.json` / `train_log.jsonl`, a metrics file, and the base model's own card
 (its license is carried over). Rendering is pure (no network), so tests check the exact text.
+
+The card is a `huggingface_hub.ModelCard`: the metadata is a `ModelCardData` (the Hub's field names
+and YAML), joined to the body by `ModelCard.from_template`, which also parses the result back, so
+a card with broken metadata is an error here rather than on the Hub. The body stays our own Markdown:
+what it says (bits, Φ, buckets, how to load in diffusers and ComfyUI) is QVGen's, and no Hub template
+has those sections.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
 
 from .config import QVGenConfig
 
@@ -56,6 +64,8 @@ TRAINING_KEYS = (
 )
 PAPER = "https://arxiv.org/abs/2505.11497"
 PROJECT = "https://github.com/qvgen/qvgen"
+# `ModelCard.from_template` renders `card_data` as the YAML header; the body is written by `_body`.
+TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
 CITATION = """```bibtex
 @inproceedings{huang2026qvgen,
   title={QVGen: Pushing the Limit of Quantized Video Generative Models},
@@ -107,9 +117,8 @@ def is_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
 
 
-def render_model_card(info: CardInfo) -> str:
-    """The full README.md: YAML metadata, then the body."""
-    from huggingface_hub import ModelCardData
+def render_model_card(info: CardInfo) -> ModelCard:
+    """The README.md as a `ModelCard`: YAML metadata, then the body (`card.save(path)` writes it)."""
 
     family = "cogvideox" if "CogVideoX" in info.transformer_class else "wan"
     data = ModelCardData(
@@ -122,7 +131,7 @@ def render_model_card(info: CardInfo) -> str:
         tags=["qvgen", "quantized", info.bits.lower(), family, "text-to-video", *info.extra_tags],
         base_model_relation="quantized",
     )
-    return f"---\n{data.to_yaml()}\n---\n\n{_body(info)}"
+    return ModelCard.from_template(data, template_str=TEMPLATE, body=_body(info))
 
 
 def _body(info: CardInfo) -> str:

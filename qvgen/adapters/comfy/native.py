@@ -374,9 +374,7 @@ def load_comfy_native(
             )
         has = {key[len(name) + 1 :] for key in state if key.startswith(f"{name}.")}
         options = {"act_bits": act_bits, "quantize_input": quantize_input}
-        layer = LAYER_FORMATS[conf["format"]].build(linear, conf, has, dtype, options)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        model.set_submodule(name, LAYER_FORMATS[conf["format"]].build(linear, conf, has, dtype, options))
     _load_strict(model, state, f.path)
     model.to(device=device)
     for m in model.modules():  # full-precision tensors follow the compute dtype; codes and scales keep theirs
