@@ -401,3 +401,24 @@ def test_hub_push_stages_the_comfyui_file_with_its_card(tmp_path):
     card = (staged / "README.md").read_text()
     assert "ComfyUI-native `nvfp4`" in card and "stock **Load Diffusion Model**" in card
     assert "- nvfp4" in card and "| steps | 60 |" in card
+
+
+@pytest.mark.slow
+def test_train_cli_nvfp4_end_to_end(tmp_path):
+    from tiny_models import tiny_wan_pipeline, write_clips
+
+    from qvgen.train.cli import main
+
+    pipe = tiny_wan_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    write_clips(tmp_path / "data", n=2, layout="jsonl")
+    out = tmp_path / "run"
+    args = ["--model", str(tmp_path / "pipe"), "--data", str(tmp_path / "data"), "--output", str(out)]
+    args += ["--num-frames", "5", "--height", "32", "--width", "32", "--max-text-len", "8", "--steps", "4"]
+    args += ["--rank", "4", "--checkpoint-every", "2", "--no-progress", "--scheme", "nvfp4"]
+    assert main(args) == 0
+    f = read_comfy_native(out / "comfyui" / "diffusion_model_nvfp4.safetensors")
+    assert f.config.scheme == "nvfp4" and f.config.current_rank == 0
+    assert all(c == {"format": "nvfp4"} for c in f.layers.values())
+    assert all(float(f.state_dict[f"{n}.input_scale"]) > 0 for n in f.layers)  # calibrated in training
+    assert isinstance(load_quantized_model(f.path).blocks[1].ffn.net[2], NVFP4Linear)
