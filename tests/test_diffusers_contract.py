@@ -216,13 +216,15 @@ def test_compile_repeated_blocks_fullgraph_matches_eager(ckpt, fresh_dynamo):
     """Regional compilation as diffusers recommends for quantized models (`compile_repeated_blocks`), with
     `fullgraph=True`: a graph break in a packed layer is an error, not a silent fall-back to eager.
     `aot_eager` traces through dynamo and AOTAutograd but runs the same ATen ops in the same order, so the
-    outputs must be identical; a second timestep exercises a second clipping bucket."""
+    outputs must be identical. A sampler visits many clipping buckets: the bucket reaches the layers as a
+    tensor, so with the recompile limit at 1 every further timestep must reuse the first graph."""
     _compiler_or_skip("aot_eager")
     folder, model = ckpt
     compiled = load(folder)
     compiled.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
-    for t in (100.0, 900.0):
-        assert torch.equal(run(compiled, t), run(model, t)), t
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for t in (100.0, 300.0, 500.0, 700.0, 900.0):
+            assert torch.equal(run(compiled, t), run(model, t)), t
 
 
 @pytest.mark.slow
