@@ -219,6 +219,9 @@ def quantized_linear(
     return y.to(out_dtype).reshape(*lead, n)
 
 
+TILE_M, TILE_N = 128, 1024  # grouped path: a (128, 1024) fp32 tile of y is 512 KB, resident in L2
+
+
 def _grouped_linear(
     x2d: Tensor,
     lo: Tensor,
@@ -253,12 +256,20 @@ def _grouped_linear(
     b_groups = b.view(n, n_groups, g).transpose(0, 1).contiguous()  # (G, N, g): each group's columns contiguous
     c_x = z_x if a_bits <= 7 else torch.full_like(z_x, 128.0)  # a = q_x - c_x fits int8
     a_groups = (q - c_x).to(torch.int8).transpose(0, 1).contiguous()  # (G, M, g)
+    s_cols = s_x.transpose(0, 1).contiguous()  # (G, M, 1)
+    d_x = (128 - z_x).to(torch.int32).transpose(0, 1).contiguous() if a_bits > 7 else None  # c_x - z_j
+    b_sums = b_groups.sum(dim=2, dtype=torch.int32) if a_bits > 7 else None  # (G, N): Σ_{k∈j} b
     y = torch.zeros(m, n, dtype=torch.float32, device=x2d.device)
-    for j in range(n_groups):
-        acc = int_matmul(a_groups[j], b_groups[j])
-        if a_bits > 7:  # (c_x - z_j) Σ_{k∈j} b, exact in int32
-            acc.add_((128 - z_x[:, j]).to(torch.int32) * b_groups[j].sum(dim=1, dtype=torch.int32).view(1, n))
-        y.addcmul_(acc, s_x[:, j])  # int32 promoted to fp32 inside the kernel: exact below 2^24
+    for m0 in range(0, m, TILE_M):  # tiles of y stay in cache across the K/g products summed into them
+        rows = slice(m0, m0 + TILE_M)
+        for n0 in range(0, n, TILE_N):
+            cols = slice(n0, n0 + TILE_N)
+            y_tile = y[rows, cols]
+            for j in range(n_groups):
+                acc = int_matmul(a_groups[j, rows], b_groups[j, cols])
+                if d_x is not None:  # (c_x - z_j) Σ_{k∈j} b, exact in int32
+                    acc.add_(d_x[j, rows] * b_sums[j, cols].view(1, -1))
+                y_tile.addcmul_(acc, s_cols[j, rows])  # int32 promoted to fp32 inside the kernel: exact below 2^24
     rsum = _exact_rowsum((q - z_x).view(m * n_groups, g), 2 * qmax).view(m, n_groups, 1)  # Σ_{k∈j}(q_x - z_j)
     t = (rsum * s_x).sum(dim=1)  # (M, 1)
     y.addmm_(t, c_w - z_w).mul_(s_w)

@@ -146,6 +146,20 @@ def test_cpu_linear_matches_reference(w_bits: int, a_bits: int, rank: int) -> No
         assert (err <= _fp32_bound(x_hat, layer, w_bits, k // group)).all(), f"max |Δ| {err.max():.3g}"
 
 
+@pytest.mark.parametrize("a_bits", [4, 8])
+def test_cpu_linear_tiles_cover_the_output(monkeypatch: pytest.MonkeyPatch, a_bits: int) -> None:
+    """Tiles smaller than the output (and not dividing it) give the same result as one tile."""
+    n, k, group = 19, 64, 16
+    layer = _layer(n, k, 4, 3, seed=a_bits)
+    x = _x((2, 7, k), seed=1)
+    lo, hi = _clips(x)[3]
+    whole = _linear(cpu.quantized_linear, x, layer, k, 4, a_bits, clip_lo=lo, clip_hi=hi, act_group=group)
+    monkeypatch.setattr(cpu, "TILE_M", 5)
+    monkeypatch.setattr(cpu, "TILE_N", 7)
+    tiled = _linear(cpu.quantized_linear, x, layer, k, 4, a_bits, clip_lo=lo, clip_hi=hi, act_group=group)
+    assert torch.equal(tiled, whole)  # same fp32 operations per element, in the same order
+
+
 def test_reference_linear_is_dequantized_matmul() -> None:
     """The grouped reference equals x̂ Ŵᵀ + b + (x̂ Rᵀ) Lᵀ with x̂ from the training fake quantizer."""
     k, group = 48, 16
