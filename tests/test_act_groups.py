@@ -251,3 +251,14 @@ def test_packed_model_follows_fake_quant(tmp_path) -> None:
     with torch.no_grad():
         other = per_token(x, t, e, return_dict=False)[0]
     assert float((other - ref).norm() / ref.norm()) > 2e-2
+
+
+def test_model_card_states_the_activation_groups() -> None:
+    from qvgen.model_card import CardInfo, render_model_card
+
+    def card(group: int | None) -> str:
+        info = CardInfo("me/m", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", QVGenConfig(act_group_size=group))
+        return render_model_card(info)
+
+    assert "4-bit, per group of 128 input features of a token" in card(128)
+    assert "4-bit, per token" in card(None)
