@@ -142,7 +142,9 @@ def act_group_length(in_features: int, group_size: int | None) -> int:
     return group_size
 
 
-def _by_group(x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, group: int):
+def _by_group(
+    x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, group: int
+) -> tuple[Tensor, Tensor | float, Tensor | float]:
     """`x` (…, K) as (…, K/group, group), the per-token clip factors broadcast over its groups."""
 
     def widen(c: Tensor | float) -> Tensor | float:
