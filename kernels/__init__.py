@@ -14,7 +14,8 @@ triton, so it works on machines without triton or a GPU.
 The arithmetic (DESIGN.md, "W4A4 arithmetic"; docs/format.md): per token
 `s_x = clamp((max·c_hi − min·c_lo)/qmax, 1e-5)`, `z_x = clamp(round(−min·c_lo/s_x), 0, qmax)`,
 `q_x = clamp(round(x/s_x) + z_x, 0, qmax)`; per output channel `Ŵ = s_w (q_w − z_w)` with a real
-`z_w`; `y = x̂ Ŵᵀ + b (+ (x̂ Rᵀ) Lᵀ)`.
+`z_w`; `y = x̂ Ŵᵀ + b (+ (x̂ Rᵀ) Lᵀ)`. With `act_group` g > 0 the activation statistics are taken
+per g consecutive features of a token instead of per token (torch and cpu backends).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def quantize_activation(
     input_signs: Tensor | None = None,
     rot_block: int = 0,
     smooth: Tensor | None = None,
+    act_group: int = 0,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token asymmetric quantization of `x` (last dim = K).
@@ -71,14 +73,27 @@ def quantize_activation(
     `common.apply_transform` (radix-2 butterflies h = 1, 2, 4, …, `/ fp32(√b)`, `/ smooth`, each
     IEEE), which is also what the training path computes on fp32 inputs; the Triton kernel does it
     in registers (butterflies), so codes agree bit for bit across backends.
+
+    `act_group` g > 0 (dividing K): one scale and zero point per g consecutive features of each
+    token, the token's clip factors applied to every group; `scale`, `zero` and `qsum` are then
+    `x.shape[:-1] + (K/g,)`. The triton backend refuses it (not implemented; use "cpu").
     """
     tf = dict(input_signs=input_signs, rot_block=rot_block, smooth=smooth)
     which = resolve_backend(backend, x.device)
     if which == "triton":
+        _refuse_groups_on_triton(act_group)
         return _triton().quantize_activation(x, clip_lo, clip_hi, bits, **tf)
     if which == "cpu":
-        return cpu.quantize_activation(x, clip_lo, clip_hi, bits, **tf)
-    return reference.quantize_activation(x, clip_lo, clip_hi, bits, **tf)
+        return cpu.quantize_activation(x, clip_lo, clip_hi, bits, **tf, act_group=act_group)
+    return reference.quantize_activation(x, clip_lo, clip_hi, bits, **tf, act_group=act_group)
+
+
+def _refuse_groups_on_triton(act_group: int) -> None:
+    if act_group:
+        raise NotImplementedError(
+            f"act_group={act_group} (QVGenConfig.act_group_size): the triton backend quantizes activations "
+            f"per token only; run grouped activations with backend='cpu' (any device) or set {ENV_VAR}=cpu"
+        )
 
 
 def quantized_linear(
@@ -100,6 +115,7 @@ def quantized_linear(
     input_signs: Tensor | None = None,
     rot_block: int = 0,
     smooth: Tensor | None = None,
+    act_group: int = 0,
     backend: str = "auto",
 ) -> Tensor:
     """`y = x̂ Ŵᵀ + bias (+ (x̂ phi_downᵀ) phi_upᵀ)` from packed weights; shape `x.shape[:-1] + (N,)`.
@@ -107,6 +123,7 @@ def quantized_linear(
     `a_bits=None` is weight-only (x is used as is). `out_dtype` defaults to x's dtype.
     `input_signs`, `rot_block`, `smooth`: the input transform of `quantize_activation`; x̂ (and
     what Φ's down-projection sees) is quantized from `x'` (weight-only: x̂ = x').
+    `act_group`: per-group activation scales, as in `quantize_activation` (not on triton).
     """
     kwargs = dict(
         in_features=in_features,
@@ -123,7 +140,8 @@ def quantized_linear(
     )
     which = resolve_backend(backend, x.device)
     if which == "triton":
+        _refuse_groups_on_triton(act_group if a_bits is not None else 0)
         return _triton().quantized_linear(x, qweight, w_scale, w_zero, w_qsum, bias, **kwargs)
     if which == "cpu":
-        return cpu.quantized_linear(x, qweight, w_scale, w_zero, w_qsum, bias, **kwargs)
-    return reference.quantized_linear(x, qweight, w_scale, w_zero, w_qsum, bias, **kwargs)
+        return cpu.quantized_linear(x, qweight, w_scale, w_zero, w_qsum, bias, **kwargs, act_group=act_group)
+    return reference.quantized_linear(x, qweight, w_scale, w_zero, w_qsum, bias, **kwargs, act_group=act_group)

@@ -30,6 +30,15 @@ def check_act_bits(bits: int) -> int:
     return 2**bits - 1
 
 
+def check_act_group(k: int, group: int) -> int:
+    """Features per activation scale: `group` (> 0, dividing K) or K for `group=0` (per token)."""
+    if isinstance(group, bool) or not isinstance(group, int) or group < 0:
+        raise ValueError(f"act_group must be a non-negative int (0 = per token), got {group!r}")
+    if group and k % group:
+        raise ValueError(f"act_group={group} does not divide the {k} input features")
+    return group or k
+
+
 def row_factors(clip: ClipArg, lead_shape: torch.Size, device: torch.device) -> Tensor:
     """A clip factor as one float32 per row of the flattened input, shape (M,).
 

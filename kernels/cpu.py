@@ -20,7 +20,16 @@ import math
 import torch
 from torch import Tensor
 
-from .common import SCALE_MIN, ClipArg, check_act_bits, check_linear_args, check_transform, has_transform, row_factors
+from .common import (
+    SCALE_MIN,
+    ClipArg,
+    check_act_bits,
+    check_act_group,
+    check_linear_args,
+    check_transform,
+    has_transform,
+    row_factors,
+)
 from .packing import unpack_weight
 
 
@@ -45,20 +54,22 @@ def quantize_activation(
     input_signs: Tensor | None = None,
     rot_block: int = 0,
     smooth: Tensor | None = None,
+    act_group: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same contract as `reference.quantize_activation`, in fewer passes."""
     qmax = check_act_bits(bits)
     lead, k = x.shape[:-1], x.shape[-1]
     if k == 0:
         raise ValueError("cannot quantize rows of length 0")
-    lo = row_factors(clip_lo, lead, x.device)
-    hi = row_factors(clip_hi, lead, x.device)
+    g = check_act_group(k, act_group)
+    lo = row_factors(clip_lo, lead, x.device).repeat_interleave(k // g)
+    hi = row_factors(clip_hi, lead, x.device).repeat_interleave(k // g)
     x2d = _transformed(x.reshape(-1, k), k, input_signs, rot_block, smooth)
-    s, z, r = _quant_rows(x2d, lo, hi, bits)
+    s, z, r = _quant_rows(x2d.reshape(-1, g), lo, hi, bits)  # one row per (token, group)
     q = r.add_(z).clamp_(0, qmax)
     # fp32 sums of integers are exact while every partial sum stays below 2^24
-    qsum = q.sum(dim=-1, keepdim=True) if k * qmax < 2**24 else q.double().sum(dim=-1, keepdim=True)
-    stat = (*lead, 1)
+    qsum = q.sum(dim=-1, keepdim=True) if g * qmax < 2**24 else q.double().sum(dim=-1, keepdim=True)
+    stat = (*lead, k // g)
     return (
         q.to(torch.uint8).reshape(x.shape),
         s.reshape(stat),
@@ -167,6 +178,7 @@ def quantized_linear(
     input_signs: Tensor | None = None,
     rot_block: int = 0,
     smooth: Tensor | None = None,
+    act_group: int = 0,
 ) -> Tensor:
     check_linear_args(x, qweight, w_scale, w_zero, w_qsum, bias, in_features, w_bits, a_bits, phi_down, phi_up)
     out_dtype = out_dtype or x.dtype
@@ -177,9 +189,12 @@ def quantized_linear(
     if a_bits is None:
         return _weight_only(x2d, qweight, s_w, z_w, bias, w_bits, phi_down, phi_up).to(out_dtype).reshape(*lead, n)
 
-    qmax = 2**a_bits - 1
     lo = row_factors(clip_lo, lead, x.device)
     hi = row_factors(clip_hi, lead, x.device)
+    if check_act_group(k, act_group) < k:
+        layer = (qweight, w_bits, s_w, z_w, bias, phi_down, phi_up)
+        return _grouped_linear(x2d, lo, hi, a_bits, act_group, *layer).to(out_dtype).reshape(*lead, n)
+    qmax = 2**a_bits - 1
     s_x, z_x, r = _quant_rows(x2d, lo, hi, a_bits)
     b, c_w = weight_int8(qweight, w_bits, k)
     q = r.add_(z_x).clamp_(0, qmax)  # q_x as float; scalar bounds are ~3× cheaper than per-row ones
@@ -202,6 +217,68 @@ def quantized_linear(
         down = (q.sub_(z_x) @ phi_down.float().t()).mul_(s_x)  # x̂ Rᵀ with x̂ = s_x (q_x - z_x)
         y.addmm_(down, phi_up.float().t())
     return y.to(out_dtype).reshape(*lead, n)
+
+
+TILE_M, TILE_N = 128, 1024  # grouped path: a (128, 1024) fp32 tile of y is 512 KB, resident in L2
+
+
+def _grouped_linear(
+    x2d: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    a_bits: int,
+    g: int,
+    qweight: Tensor,
+    w_bits: int,
+    s_w: Tensor,
+    z_w: Tensor,
+    bias: Tensor | None,
+    phi_down: Tensor | None,
+    phi_up: Tensor | None,
+) -> Tensor:
+    """`x̂ Ŵᵀ + b (+ (x̂ Rᵀ) Lᵀ)` with group-wise activation scales, float32 (M, N).
+
+    One exact int8 GEMM per group of g features, `A_j = a_j @ b_jᵀ` (K = g), each scaled by its
+    group's `s_j` (M, 1) and summed in fp32; with `a = q_x - c_x`, `b = q_w - c_w`:
+
+        Σ_{k∈j} (q_x - z_j)(q_w - z_w) = A_j + (c_x - z_j) Σ_{k∈j} b + (c_w - z_w) Σ_{k∈j} (q_x - z_j)
+
+    and the last term summed over groups is one rank-1 update with `t = Σ_j s_j Σ_{k∈j} (q_x - z_j)`.
+    """
+    m, k = x2d.shape
+    n, n_groups = qweight.shape[0], k // g
+    qmax = 2**a_bits - 1
+    lo, hi = lo.repeat_interleave(n_groups), hi.repeat_interleave(n_groups)  # one row per (token, group)
+    s_x, z_x, r = _quant_rows(x2d.reshape(-1, g), lo, hi, a_bits)
+    q = r.add_(z_x).clamp_(0, qmax).view(m, n_groups, g)
+    s_x, z_x = s_x.view(m, n_groups, 1), z_x.view(m, n_groups, 1)
+    b, c_w = weight_int8(qweight, w_bits, k)
+    b_groups = b.view(n, n_groups, g).transpose(0, 1).contiguous()  # (G, N, g): each group's columns contiguous
+    c_x = z_x if a_bits <= 7 else torch.full_like(z_x, 128.0)  # a = q_x - c_x fits int8
+    a_groups = (q - c_x).to(torch.int8).transpose(0, 1).contiguous()  # (G, M, g)
+    s_cols = s_x.transpose(0, 1).contiguous()  # (G, M, 1)
+    d_x = (128 - z_x).to(torch.int32).transpose(0, 1).contiguous() if a_bits > 7 else None  # c_x - z_j
+    b_sums = b_groups.sum(dim=2, dtype=torch.int32) if a_bits > 7 else None  # (G, N): Σ_{k∈j} b
+    y = torch.zeros(m, n, dtype=torch.float32, device=x2d.device)
+    for m0 in range(0, m, TILE_M):  # tiles of y stay in cache across the K/g products summed into them
+        rows = slice(m0, m0 + TILE_M)
+        for n0 in range(0, n, TILE_N):
+            cols = slice(n0, n0 + TILE_N)
+            y_tile = y[rows, cols]
+            for j in range(n_groups):
+                acc = int_matmul(a_groups[j, rows], b_groups[j, cols])
+                if d_x is not None:  # (c_x - z_j) Σ_{k∈j} b, exact in int32
+                    acc.add_(d_x[j, rows] * b_sums[j, cols].view(1, -1))
+                y_tile.addcmul_(acc, s_cols[j, rows])  # int32 promoted to fp32 inside the kernel: exact below 2^24
+    rsum = _exact_rowsum((q - z_x).view(m * n_groups, g), 2 * qmax).view(m, n_groups, 1)  # Σ_{k∈j}(q_x - z_j)
+    t = (rsum * s_x).sum(dim=1)  # (M, 1)
+    y.addmm_(t, c_w - z_w).mul_(s_w)
+    if bias is not None:
+        y.add_(bias.reshape(1, n).float())
+    if phi_down is not None:
+        x_hat = ((q - z_x) * s_x).view(m, k)
+        y.addmm_(x_hat @ phi_down.float().t(), phi_up.float().t())
+    return y
 
 
 def _weight_only(

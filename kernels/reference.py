@@ -16,6 +16,7 @@ from .common import (
     ClipArg,
     apply_transform,
     check_act_bits,
+    check_act_group,
     check_linear_args,
     check_transform,
     exact_div,
@@ -45,25 +46,31 @@ def quantize_activation(
     input_signs: Tensor | None = None,
     rot_block: int = 0,
     smooth: Tensor | None = None,
+    act_group: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Codes `q` (uint8, x's shape), scale and zero (float32), row sums of `q` (int32), per token.
+    """Codes `q` (uint8, x's shape), scale and zero (float32), sums of `q` (int32), per token or group.
 
     With a transform, the quantized activation is `x' = fwht(x · signs, rot_block) / smooth`
     computed in fp32 by `common.apply_transform` (the rounding every backend reproduces).
+    `act_group` g > 0: one scale and zero point per g consecutive features of a token (the token's
+    clip factors apply to each group's min/max); the statistics are then `x.shape[:-1] + (K/g,)`.
     """
     qmax = check_act_bits(bits)
     lead, k = x.shape[:-1], x.shape[-1]
     if k == 0:
         raise ValueError("cannot quantize rows of length 0")
+    g = check_act_group(k, act_group)
     x2d = x.reshape(-1, k)
     if has_transform(input_signs, rot_block, smooth):
         x2d = apply_transform(x2d, *check_transform(k, input_signs, rot_block, smooth, x.device))
-    lo = row_factors(clip_lo, lead, x.device)
-    hi = row_factors(clip_hi, lead, x.device)
-    s, z = act_qparams(x2d, lo, hi, bits)
-    q = torch.clamp(torch.round(x2d.float() / s) + z, 0, qmax)
+    n_groups = k // g
+    lo = row_factors(clip_lo, lead, x.device).repeat_interleave(n_groups)
+    hi = row_factors(clip_hi, lead, x.device).repeat_interleave(n_groups)
+    xg = x2d.reshape(-1, g)  # one row per (token, group)
+    s, z = act_qparams(xg, lo, hi, bits)
+    q = torch.clamp(torch.round(xg.float() / s) + z, 0, qmax)
     qsum = q.to(torch.int64).sum(dim=-1, keepdim=True).to(torch.int32)
-    stat_shape = (*lead, 1)
+    stat_shape = (*lead, n_groups)
     return q.to(torch.uint8).reshape(x.shape), s.reshape(stat_shape), z.reshape(stat_shape), qsum.reshape(stat_shape)
 
 
@@ -94,8 +101,10 @@ def quantized_linear(
     input_signs: Tensor | None = None,
     rot_block: int = 0,
     smooth: Tensor | None = None,
+    act_group: int = 0,
 ) -> Tensor:
-    """`x̂ Ŵᵀ + b (+ (x̂ Rᵀ) Lᵀ)` in float64, x̂ quantized from the transformed input `x'`.
+    """`x̂ Ŵᵀ + b (+ (x̂ Rᵀ) Lᵀ)` in float64, x̂ quantized from the transformed input `x'`
+    (per token, or per `act_group` features).
 
     `w_qsum` is checked for shape only, never used. Weight-only (`a_bits=None`): x̂ = x'.
     """
@@ -110,9 +119,11 @@ def quantized_linear(
         x2d = x.reshape(-1, in_features)
         x_hat = (apply_transform(x2d, *tf) if has_transform(*tf) else x2d).double()
     else:
-        t_kw = dict(input_signs=input_signs, rot_block=rot_block, smooth=smooth)
+        t_kw = dict(input_signs=input_signs, rot_block=rot_block, smooth=smooth, act_group=act_group)
         q, s, z, _ = quantize_activation(x, clip_lo, clip_hi, a_bits, **t_kw)
-        x_hat = s.reshape(-1, 1).double() * (q.reshape(-1, in_features).double() - z.reshape(-1, 1).double())
+        g = check_act_group(in_features, act_group)
+        q_g = q.reshape(-1, g).double()  # one row per (token, group)
+        x_hat = (s.reshape(-1, 1).double() * (q_g - z.reshape(-1, 1).double())).reshape(-1, in_features)
     y = x_hat @ w_hat.T
     if bias is not None:
         y = y + bias.double().reshape(1, n)

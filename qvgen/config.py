@@ -45,6 +45,9 @@ class QVGenConfig:
     act_fixed_clip: float = 0.95
     act_clip_init: float = 0.95
     zero_point_grad: str = "ste"  # ste | none: gradient through the activation zero point's rounding
+    # None: per-token activation scales; g: one scale/zero point per g consecutive input features of a
+    # token (layers whose K is not a multiple of g stay per token); same per-timestep clip factors
+    act_group_size: int | None = None
     modules_to_convert: list[str] = field(default_factory=lambda: ["*"])
     modules_to_not_convert: list[str] = field(default_factory=list)
     current_rank: int | None = None
@@ -72,6 +75,8 @@ class QVGenConfig:
         _check_int("weight_bits", self.weight_bits, 2, 8)
         if self.act_bits is not None:
             _check_int("act_bits", self.act_bits, 2, 8)
+        if self.act_group_size is not None:
+            _check_int("act_group_size", self.act_group_size, 2, 65536)
         _check_int("rank", self.rank, 0, 4096)
         _check_int("n_buckets", self.n_buckets, 1, 100_000)
         _check_int("phase_steps", self.phase_steps, 1, 10**9)

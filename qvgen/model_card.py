@@ -160,7 +160,8 @@ def _body(info: CardInfo) -> str:
                     "activations",
                     "16-bit (not quantized)"
                     if c.act_bits is None
-                    else f"{c.act_bits}-bit, per token, dynamic, asymmetric, learned clipping "
+                    else f"{c.act_bits}-bit, {_act_granularity(c.act_group_size)}, dynamic, asymmetric, "
+                    "learned clipping "
                     f"({c.n_buckets} timestep bucket{'s' if c.n_buckets != 1 else ''})",
                 ),
                 ("quantized layers", _patterns(c.modules_to_convert)),
@@ -351,3 +352,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif isinstance(v, (int, float, str, bool)) or v is None:
             out[key] = v
     return out
+
+
+def _act_granularity(group_size: int | None) -> str:
+    return "per token" if group_size is None else f"per group of {group_size} input features of a token"

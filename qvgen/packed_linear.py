@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .kernels_import import qvgen_kernels
 from .packed_layer import PACKED_TENSORS, PackedLayerError, check_tensors, empty_tensors, tensor_dtype
-from .quantizers import select_clip
+from .quantizers import act_group_length, select_clip
 from .timestep import TimestepState, bucket_of
 from .transforms import hadamard_block, unrotate
 
@@ -39,6 +39,7 @@ class PackedLinear(nn.Module):
         device: torch.device | str | None = None,
         input_transform: str = "none",
         hadamard_block_max: int = 256,
+        act_group_size: int | None = None,
         *,
         allocate: bool = True,
     ) -> None:
@@ -49,6 +50,7 @@ class PackedLinear(nn.Module):
         self.weight_bits, self.act_bits = weight_bits, act_bits
         self.transform = input_transform
         self.rot_block = hadamard_block(in_features, hadamard_block_max)
+        self.act_group = act_group_length(in_features, act_group_size)  # 0: per-token activation scales
         self.timestep_state: TimestepState | None = None
         self.backend = "auto"
         for key in PACKED_TENSORS:
@@ -90,6 +92,7 @@ class PackedLinear(nn.Module):
             act_bits=config.act_bits,
             input_transform=config.input_transform,
             hadamard_block_max=config.hadamard_block,
+            act_group_size=config.act_group_size,
             allocate=False,
         )
         layer.set_tensors(tensors, dtype=dtype, name=name)
@@ -147,6 +150,7 @@ class PackedLinear(nn.Module):
             input_signs=self.input_signs,
             rot_block=self.rot_block if self.input_signs is not None else 0,
             smooth=self.smooth,
+            act_group=self.act_group,
             backend=backend,
         )
 
@@ -191,4 +195,5 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         a = self.act_bits if self.act_bits is not None else 16
-        return f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{a}, rank={self.rank}"
+        groups = f" (groups of {self.act_group})" if self.act_group and self.act_bits is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, W{self.weight_bits}A{a}{groups}, rank={self.rank}"

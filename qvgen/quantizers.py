@@ -1,8 +1,9 @@
 """Weight and activation quantizers of QVGen (DESIGN.md part A), in fake-quant training form.
 
 Both are asymmetric with straight-through rounding. The weight quantizer learns a per-row scale
-and a *real* zero point (LSQ+); the activation quantizer is dynamic per token and learns only
-its clipping factors, one pair per timestep bucket.
+and a *real* zero point (LSQ+); the activation quantizer is dynamic per token (or per group of
+`group` consecutive input features of a token, `QVGenConfig.act_group_size`) and learns only its
+clipping factors, one pair per timestep bucket, shared by the groups of a token.
 """
 
 from __future__ import annotations
@@ -130,10 +131,40 @@ def act_qparams(
     return s, z
 
 
+def act_group_length(in_features: int, group_size: int | None) -> int:
+    """Features per activation group of a layer: `group_size` when it divides K, else 0 (per token).
+
+    A layer whose K is not a multiple (or not larger) keeps per-token quantization, as a Hadamard
+    block too large for a layer shrinks (`transforms.hadamard_block`): the config stays one setting.
+    """
+    if group_size is None or group_size >= in_features or in_features % group_size:
+        return 0
+    return group_size
+
+
+def _by_group(
+    x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, group: int
+) -> tuple[Tensor, Tensor | float, Tensor | float]:
+    """`x` (…, K) as (…, K/group, group), the per-token clip factors broadcast over its groups."""
+
+    def widen(c: Tensor | float) -> Tensor | float:
+        return c.unsqueeze(-1) if isinstance(c, Tensor) and c.dim() > 0 else c
+
+    return x.unflatten(-1, (-1, group)), widen(clip_lo), widen(clip_hi)
+
+
 def fake_quant_act(
-    x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, bits: int, zero_point_grad: str = "ste"
+    x: Tensor,
+    clip_lo: Tensor | float,
+    clip_hi: Tensor | float,
+    bits: int,
+    zero_point_grad: str = "ste",
+    group: int = 0,
 ) -> Tensor:
-    """Dynamic per-token asymmetric fake quantization, STE round, computed in fp32."""
+    """Dynamic asymmetric fake quantization per token (`group=0`) or per `group` features, STE round, fp32."""
+    if group:
+        xg, lo, hi = _by_group(x, clip_lo, clip_hi, group)
+        return fake_quant_act(xg, lo, hi, bits, zero_point_grad).flatten(-2)
     qmax = 2**bits - 1
     xf = x.float()
     s, z = act_qparams(xf, clip_lo, clip_hi, bits, zero_point_grad)
@@ -141,8 +172,11 @@ def fake_quant_act(
     return (s * (q - z)).to(x.dtype)
 
 
-def quantize_act_int(x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, bits: int) -> Tensor:
+def quantize_act_int(x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float, bits: int, group: int = 0) -> Tensor:
     """Integer codes (uint8) of `fake_quant_act`, the values the kernels' activation quantization produces."""
+    if group:
+        xg, lo, hi = _by_group(x, clip_lo, clip_hi, group)
+        return quantize_act_int(xg, lo, hi, bits).flatten(-2)
     qmax = 2**bits - 1
     xf = x.float()
     s, z = act_qparams(xf, clip_lo, clip_hi, bits)
@@ -150,7 +184,8 @@ def quantize_act_int(x: Tensor, clip_lo: Tensor | float, clip_hi: Tensor | float
 
 
 class ActQuantizer(nn.Module):
-    """Per-token dynamic quantizer; one learnable pair of clipping logits per timestep bucket."""
+    """Per-token (or per-group, `group` > 0) dynamic quantizer; one learnable pair of clipping logits
+    per timestep bucket."""
 
     def __init__(
         self,
@@ -159,6 +194,7 @@ class ActQuantizer(nn.Module):
         fixed_clip: float = 0.95,
         logit_init: float = 2.944,
         zero_point_grad: str = "ste",
+        group: int = 0,
     ) -> None:
         super().__init__()
         if zero_point_grad not in ZERO_POINT_GRADS:
@@ -166,6 +202,7 @@ class ActQuantizer(nn.Module):
         self.bits = bits
         self.fixed_clip = fixed_clip
         self.zero_point_grad = zero_point_grad
+        self.group = group
         self.clip_logits = nn.Parameter(torch.full((n_buckets, 2), float(logit_init)))
 
     def clip_factors(self) -> Tensor:
@@ -178,13 +215,13 @@ class ActQuantizer(nn.Module):
 
     def forward(self, x: Tensor, bucket: Tensor | int = 0) -> Tensor:
         lo, hi = self.factors_for(bucket, x)
-        return fake_quant_act(x, lo, hi, self.bits, self.zero_point_grad)
+        return fake_quant_act(x, lo, hi, self.bits, self.zero_point_grad, self.group)
 
     @torch.no_grad()
     def int_codes(self, x: Tensor, bucket: Tensor | int = 0) -> Tensor:
         """The integer codes `forward` uses (uint8, x's shape)."""
         lo, hi = self.factors_for(bucket, x)
-        return quantize_act_int(x, lo, hi, self.bits)
+        return quantize_act_int(x, lo, hi, self.bits, self.group)
 
 
 def select_clip(factors: Tensor, bucket: Tensor | int, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -148,6 +148,7 @@ def make_linear_class(base_linear: type, settings: OpsSettings) -> type:
                 n_buckets=cfg.n_buckets,
                 input_transform=cfg.input_transform,
                 hadamard_block_max=cfg.hadamard_block,
+                act_group_size=cfg.act_group_size,
                 allocate=False,
             )
             self.register_parameter("weight", None)

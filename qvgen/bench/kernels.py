@@ -11,6 +11,7 @@ Examples:
   python -m qvgen.bench kernels --shapes 1536x1536 --tokens 4096 --min-time 2
   python -m qvgen.bench kernels --transform hadamard  # + rotation in the quantizer; cost vs without
   python -m qvgen.bench kernels --widened             # + weights widened to a byte per code (qvgen.widen)
+  python -m qvgen.bench kernels --act-group-size 128  # + activation scales per 128 features; cost vs per token
   python -m qvgen.bench kernels --device-time --models 1.3b,14b --tokens 32760,8192,512   # issue #13 records
 """
 
@@ -67,6 +68,7 @@ class Row:
     extra_ms: dict[str, float | None] = field(default_factory=dict)
     transform: str = "none"
     transform_pct: float | None = None  # (ours − ours without the transform) / ours, in %
+    act_group_ratio: float | None = None  # ours with per-group activation scales / ours per token
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +194,10 @@ def bench_case(
     fns: dict[str, Callable[[], object]] = {"baseline": lambda: F.linear(x, w, bias), "ours": lambda: ours(**tf)}
     if tf:
         fns["no transform"] = ours
+    group = getattr(args, "act_group_size", None)
+    grouped = f"groups of {group}"
+    if group and args.a_bits is not None and k % group == 0 and group < k:  # as act_group_length decides
+        fns[grouped] = lambda: ours(**tf, act_group=group)
     if args.widened and args.w_bits <= 4:  # one code per byte (qvgen.widen): no nibble unpacking
         wide = qk.unpack_weight(packed["qweight"], args.w_bits, k)
         fns["widened"] = lambda: ours(wide, **tf)
@@ -232,6 +238,7 @@ def bench_case(
         extra_ms=extra,
         transform=args.transform,
         transform_pct=pct,
+        act_group_ratio=ms[grouped] / ours_ms if grouped in ms else None,
     )
 
 

@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=0, help="Φ rank (0: the finished QVGen model)")
     p.add_argument("--transform", choices=("none", "hadamard", "smooth", "smooth_hadamard"), default="none",
                    help="input transform in the activation quantizer; also times the layer without it")  # fmt: skip
+    p.add_argument("--act-group-size", type=int, default=None,
+                   help="also time activation scales per group of this many features (cpu/torch backends)")  # fmt: skip
     p.add_argument("--widened", action="store_true", help="also time widened weights (one code per byte)")
     p.add_argument("--backend", default="auto", help="qvgen_kernels backend: auto, triton, cpu, torch")
     p.add_argument("--min-time", type=float, default=None, help="seconds of timed runs per measurement")
@@ -92,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
             rows.append(bench_case(model, layer, m, k, n, args, device))
             r = rows[-1]
             cost = f", transform {r.transform_pct:.1f}% of the layer" if r.transform_pct is not None else ""
+            if r.act_group_ratio is not None:
+                cost += f", groups of {args.act_group_size}: {r.act_group_ratio:.2f}× per token"
             print(f"  {model} {layer} M={m} K={k} N={n}: {r.baseline_ms:.3f} ms → {r.ours_ms:.3f} ms "
                   f"({r.speedup:.2f}×{cost})", flush=True)  # fmt: skip
     print()

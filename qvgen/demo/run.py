@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-bits", type=int, default=4)
     p.add_argument("--act-bits", type=int, default=4)
     p.add_argument(
+        "--act-group-size",
+        type=int,
+        default=None,
+        help="activation scales per group of this many input features (default: per token); README, "
+        "'Per-group activation quantization'",
+    )
+    p.add_argument(
         "--transforms",
         type=lambda v: v.split(","),
         default=["none", "smooth"],
@@ -143,6 +150,7 @@ def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
             train_transform=transform != "none" and args.train_transform,
             smooth_alpha=args.smooth_alpha,
             zero_point_grad=args.zero_point_grad,
+            act_group_size=args.act_group_size,
             modules_to_not_convert=list(args.keep),
         )
         suffix = "" if transform == "none" else f"+{transform}"

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..packed_layer import assemble
 from ..packed_linear import PackedLinear
-from ..quantizers import SCALE_MIN, ActQuantizer, WeightQuantizer
+from ..quantizers import SCALE_MIN, ActQuantizer, WeightQuantizer, act_group_length
 from .base import Scheme
 
 if TYPE_CHECKING:
@@ -22,7 +22,12 @@ def quantizers(out_features: int, in_features: int, config: QVGenConfig) -> tupl
     if config.act_bits is None:
         return wq, None
     aq = ActQuantizer(
-        config.act_bits, config.n_buckets, config.act_fixed_clip, config.act_clip_logit_init, config.zero_point_grad
+        config.act_bits,
+        config.n_buckets,
+        config.act_fixed_clip,
+        config.act_clip_logit_init,
+        config.zero_point_grad,
+        group=act_group_length(in_features, config.act_group_size),
     )
     return wq, aq
 
@@ -60,6 +65,7 @@ def shell(
         device=device,
         input_transform=config.input_transform,
         hadamard_block_max=config.hadamard_block,
+        act_group_size=config.act_group_size,
     )
 
 

@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/training.md)",
     )
     q.add_argument(
+        "--act-group-size",
+        type=int,
+        default=None,
+        help="one activation scale per this many input features of a token (e.g. 64, 128; default: per token); "
+        "the triton backend runs per token only (README, 'Per-group activation quantization')",
+    )
+    q.add_argument(
         "--train-transform",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -170,6 +177,7 @@ def quant_config(args: argparse.Namespace) -> QVGenConfig:
         train_transform=args.train_transform and transform != "none",
         transform_seed=args.seed,
         zero_point_grad=args.zero_point_grad,
+        act_group_size=args.act_group_size,
     )
 
 
