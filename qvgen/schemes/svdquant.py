@@ -1,0 +1,193 @@
+"""SVDQuant W4A4 (comfy-kitchen's `TensorCoreSVDQuantW4A4Layout`) as a QAT target and a PyTorch path.
+
+The layout computes, for a layer with weight `W` (out × K), smoothing factor `s` (K) and low-rank
+factors `proj_down` (K × r), `proj_up` (out × r):
+
+    y = Q_a(x / s) · Q_w(R)ᵀ + (x · proj_down) · proj_upᵀ + b
+
+- `Q_a`: each token's K features split into groups of 64, each group quantized to signed int4
+  [-7, 7] with its own absmax scale `max|g| / 7` (computed in the input's dtype, floored at 1e-10);
+- `Q_w`: the residual weight `R ≈ W · diag(s) - proj_up · proj_downᵀ · diag(s)` stored as packed
+  signed int4 (`(out, K/2)` int8, even column in the low nibble) with one scale per (row, group of
+  64), stored transposed as `wscales` `(K/64, out)` in the compute dtype;
+- the low-rank branch sees the raw input (not smoothed, not quantized) and runs in float32.
+
+comfy-kitchen has no quantizer for this layout ("requires offline calibration (DeepCompressor)").
+A QVGen student with smoothing on and Φ kept at rank r *is* this format: Φ lives in the smoothed
+space (`Φ = L·Rφ` with `x/s` as input), so `proj_down = Rφᵀ / s`, `proj_up = L`. The weight scales
+are QVGen's choice, not the layout's: per (row, group) absmax / 7, learned with LSQ gradients, and
+rounded to the export dtype in the forward pass so that what trains is what is stored.
+
+In this project's training form Φ acts on the *unquantized* (smoothed) input, as the layout's
+branch does, instead of on `x̂` as in the paper's Φ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..convrot import pack_int4, unpack_int4
+from ..quantizers import round_ste
+
+GROUP = 64  # the layout's quantization group along K (int4 MMA m16n8k64)
+INT4_MAX = 7
+ABSMAX_MIN = 1e-10
+COMFY_FORMAT = "svdquant_w4a4"
+
+__all__ = [
+    "COMFY_FORMAT",
+    "GROUP",
+    "GroupActQuantizer",
+    "GroupWeightQuantizer",
+    "cast_ste",
+    "dequantize_weight",
+    "fake_quant_groups",
+    "group_absmax_scale",
+    "pack_int4",
+    "quantize_groups",
+    "supports",
+    "svdquant_linear",
+    "unpack_int4",
+]
+
+
+def supports(in_features: int) -> bool:
+    """Whether the layout can hold a layer with this K (groups of 64)."""
+    return in_features % GROUP == 0 and in_features > 0
+
+
+def _groups(x: Tensor) -> Tensor:
+    k = x.shape[-1]
+    if k % GROUP:
+        raise ValueError(f"SVDQuant: {k} features are not a multiple of the group size {GROUP}")
+    return x.unflatten(-1, (k // GROUP, GROUP))
+
+
+def group_absmax_scale(x: Tensor, qmax: int = INT4_MAX) -> Tensor:
+    """Per (row, group of 64) scale `max|g| / qmax`, shape `(…, K/64, 1)`, in `x`'s dtype (as the layout)."""
+    return _groups(x).abs().amax(dim=-1, keepdim=True).clamp(min=ABSMAX_MIN) / qmax
+
+
+def fake_quant_groups(x: Tensor, scale: Tensor, qmax: int = INT4_MAX) -> Tensor:
+    """`s · clamp(round(x / s), -qmax, qmax)` per group, straight-through rounding; `scale` `(…, K/64, 1)`."""
+    q = torch.clamp(round_ste(_groups(x) / scale), -qmax, qmax)
+    return (q * scale).flatten(-2)
+
+
+def quantize_groups(x: Tensor, scale: Tensor, qmax: int = INT4_MAX) -> Tensor:
+    """Integer codes (int8, `(…, K)`) of `fake_quant_groups`, round half to even like the layout."""
+    return torch.clamp(torch.round(_groups(x) / scale), -qmax, qmax).to(torch.int8).flatten(-2)
+
+
+def cast_ste(x: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """`x` rounded to `dtype` (and back to `x`'s dtype) in the forward pass, identity in the backward pass.
+
+    Written so that the forward value is exactly the rounded one (`v + (x - x) = v`).
+    """
+    if dtype is None or dtype == x.dtype:
+        return x
+    return x.to(dtype).to(x.dtype).detach() + (x - x.detach())
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """Value of `x` bit for bit, gradient times `factor` (LSQ's step-size gradient scaling).
+
+    `qvgen.quantizers.grad_scale` computes `(x - f·x) + f·x`, which can be one ulp off `x`; an
+    exported scale must be the one the forward pass used.
+    """
+    return x.detach() + (x * factor - (x * factor).detach())
+
+
+def dequantize_weight(qweight: Tensor, wscales: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """`q · s` per group, `(out, K)`, in `dtype` (default: `wscales`' dtype), as the layout's eager GEMM."""
+    dtype = wscales.dtype if dtype is None else dtype
+    q = unpack_int4(qweight).to(dtype)
+    n, k = q.shape
+    return (q.view(n, k // GROUP, GROUP) * wscales.to(dtype).t().unsqueeze(-1)).view(n, k)
+
+
+def svdquant_linear(
+    x: Tensor,
+    qweight: Tensor,
+    wscales: Tensor,
+    smooth: Tensor,
+    proj_down: Tensor,
+    proj_up: Tensor,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """One SVDQuant W4A4 layer in plain PyTorch: the layout's arithmetic with dequantized operands.
+
+    Codes, scales and the low-rank branch are computed as comfy-kitchen's eager backend does (same
+    dtypes, same order of the element-wise steps); the GEMM is a float matmul of the dequantized
+    operands, so the result equals the layout's up to float summation order.
+    """
+    shape = x.shape
+    k = shape[-1]
+    if qweight.shape[-1] * 2 != k:
+        raise ValueError(f"SVDQuant: input has {k} features but the packed weight holds {qweight.shape[-1] * 2}")
+    x2 = x.reshape(-1, k)
+    cdtype = wscales.dtype
+    lora = (x2.float() @ proj_down.float()) @ proj_up.float().t()
+    xs = x2 / smooth
+    sx = group_absmax_scale(xs)
+    q = torch.clamp(torch.round(_groups(xs) / sx), -INT4_MAX, INT4_MAX)
+    x_hat = (q.to(cdtype) * sx.to(x.dtype)).flatten(-2)
+    y = x_hat @ dequantize_weight(qweight, wscales).t()
+    y = y + lora.to(y.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*shape[:-1], qweight.shape[0])
+
+
+# ---- training form -------------------------------------------------------------------------------
+class GroupWeightQuantizer(nn.Module):
+    """Signed int4 per (row, group of 64) with learnable scales (LSQ gradient scaling).
+
+    `scale_dtype` is the dtype the scales are exported in (`wscales`, bf16 by default): the forward
+    pass rounds the scale to it (straight through), so the exported codes and scales are exactly
+    the ones training used.
+    """
+
+    def __init__(self, out_features: int, in_features: int, scale_dtype: torch.dtype | None = torch.bfloat16) -> None:
+        super().__init__()
+        if not supports(in_features):
+            raise ValueError(f"SVDQuant needs in_features divisible by {GROUP}, got {in_features}")
+        self.bits = 4
+        self.qmax = INT4_MAX
+        self.scale_dtype = scale_dtype
+        self.scale = nn.Parameter(torch.ones(out_features, in_features // GROUP, 1))
+        self.grad_factor = 1.0 / math.sqrt(GROUP * INT4_MAX)
+
+    @torch.no_grad()
+    def init_from(self, weight: Tensor) -> None:
+        self.scale.copy_(group_absmax_scale(weight.detach().float()))
+
+    def effective_scale(self) -> Tensor:
+        s = scale_grad(self.scale, self.grad_factor).clamp(min=ABSMAX_MIN)
+        return cast_ste(s, self.scale_dtype)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return fake_quant_groups(weight.float(), self.effective_scale()).to(weight.dtype)
+
+    @torch.no_grad()
+    def export(self, weight: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """Packed codes `(out, K/2)` int8 and `wscales` `(K/64, out)` in `dtype` (default `scale_dtype`)."""
+        dtype = dtype or self.scale_dtype or torch.float32
+        s = self.scale.detach().float().clamp(min=ABSMAX_MIN).to(dtype)
+        codes = quantize_groups(weight.detach().float(), s.float())
+        return pack_int4(codes), s.squeeze(-1).t().contiguous()
+
+
+class GroupActQuantizer(nn.Module):
+    """Dynamic signed int4 per (token, group of 64), absmax scales: the layout has no clipping to learn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bits = 4
+        self.qmax = INT4_MAX
+
+    def forward(self, x: Tensor, bucket: Tensor | int = 0) -> Tensor:  # bucket: same call as ActQuantizer
+        return fake_quant_groups(x, group_absmax_scale(x))
