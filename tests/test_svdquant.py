@@ -94,7 +94,20 @@ def test_layout_class_rebuilds_the_same_layer():
     x = torch.randn(6, k)
     with ck.registry.use_backend("eager"):
         ref = torch.nn.functional.linear(x, qt)
-    ours = sq.svdquant_linear(x, qweight, wscales, smooth, down, up)
+    layer = sq.SVDQuantLinear(k, n, False, r, torch.float32)
+    layer.load_state_dict(
+        {
+            "weight": qweight,
+            "weight_scale": wscales,
+            "weight_proj_down": down,
+            "weight_proj_up": up,
+            "weight_smooth_factor": smooth,
+        }
+    )
+    with torch.no_grad():
+        ours = layer(x)
+        # the dequantized weight reproduces the layer on a token whose quantization is exact
+        assert torch.allclose(layer.dequantize_weight(), qt.dequantize(), atol=1e-5)
     assert float((ours - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 

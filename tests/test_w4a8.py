@@ -96,14 +96,16 @@ def test_token_codes_bit_identical(dtype):
     assert torch.equal(w4a8.fake_quant_acts(xr), q.float() * s)
 
 
-def test_layer_matches_the_layouts_linear():
-    w = _weight(seed=3)
-    wr = rotate(w)
+@pytest.mark.parametrize("k", [512, 128])  # K = 128: the layout's convrot_groupsize 64
+def test_layer_matches_the_layouts_linear(k):
+    w = _weight(k=k, seed=3)
+    rg = w4a8.rotation_group(k)
+    wr = rotate(w, rg)
     quant = w4a8.GroupedCodebookQuantizer(*w.shape)
     quant.init_from(wr)
     t = quant.export(wr)
     bias = torch.randn(w.shape[0])
-    x = torch.randn(2, 5, 512)
+    x = torch.randn(2, 5, k)
     qt = QuantizedTensor(
         t["weight"],
         "AsymW4A8Int8Layout",
@@ -113,13 +115,22 @@ def test_layer_matches_the_layouts_linear():
             codebook=t["weight_codebook"],
             orig_dtype=torch.float32,
             orig_shape=tuple(w.shape),
+            convrot_groupsize=rg,
         ),
     )
     with ck.registry.use_backend("eager"):
         ref = torch.nn.functional.linear(x, qt, bias)
-    ours = w4a8.w4a8_linear(x, t["weight"], t["weight_s_rel"], t["weight_s_channel"], t["weight_codebook"], bias)
+    ours = w4a8.w4a8_linear(
+        x, t["weight"], t["weight_s_rel"], t["weight_s_channel"], t["weight_codebook"], bias, convrot_group=rg
+    )
+    layer = w4a8.W4A8Linear(k, w.shape[0], True, torch.float32)
+    layer.load_state_dict(t | {"bias": bias})
     with torch.no_grad():
-        fake = w4a8.fake_quant_acts(rotate(x)) @ quant(wr).t() + bias
+        fake = w4a8.fake_quant_acts(rotate(x, rg)) @ quant(wr).t() + bias
+        assert torch.equal(layer(x), ours)
+        assert torch.allclose(
+            layer.dequantize_weight(), AsymW4A8Int8Layout.dequantize(t["weight"], qt._params), atol=1e-6
+        )
     for y in (ours, fake):
         err = float((y - ref).abs().max())
         assert err <= 1e-5 * float(ref.abs().max()), err
@@ -156,6 +167,7 @@ def test_gradients_straight_through_and_to_both_scales():
     assert quant.s_rel.grad.abs().sum() > 0
 
 
-def test_rejects_k_not_a_multiple_of_256():
-    with pytest.raises(ValueError, match="divisible by 256"):
-        w4a8.GroupedCodebookQuantizer(4, 128)
+def test_rotation_group_per_k_and_rejects_the_rest():
+    assert [w4a8.rotation_group(k) for k in (512, 768, 128, 320, 48, 40)] == [256, 256, 64, 64, 16, 0]
+    with pytest.raises(ValueError, match="divisible by 16"):
+        w4a8.GroupedCodebookQuantizer(4, 40)

@@ -191,3 +191,62 @@ class GroupActQuantizer(nn.Module):
 
     def forward(self, x: Tensor, bucket: Tensor | int = 0) -> Tensor:  # bucket: same call as ActQuantizer
         return fake_quant_groups(x, group_absmax_scale(x))
+
+
+# ---- inference form ------------------------------------------------------------------------------
+class SVDQuantLinear(nn.Module):
+    """Inference form of a ComfyUI `svdquant_w4a4` layer, with ComfyUI's tensor names.
+
+    Runs `svdquant_linear` in the input's dtype (stored bf16 tensors are upcast exactly); ComfyUI
+    runs the same file with comfy-kitchen's kernels.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        rank: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not supports(in_features):
+            raise ValueError(f"SVDQuant needs in_features divisible by {GROUP}, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+
+        def p(t: Tensor) -> nn.Parameter:
+            return nn.Parameter(t, requires_grad=False)
+
+        # `weight_scale` first: `next(module.parameters()).dtype` must be a float dtype
+        self.weight_scale = p(torch.ones(in_features // GROUP, out_features, dtype=dtype, device=device))
+        self.weight = p(torch.zeros(out_features, in_features // 2, dtype=torch.int8, device=device))
+        self.weight_proj_down = p(torch.zeros(in_features, rank, dtype=dtype, device=device))
+        self.weight_proj_up = p(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        self.weight_smooth_factor = p(torch.ones(in_features, dtype=dtype, device=device))
+        self.bias = p(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @property
+    def rank(self) -> int:
+        return self.weight_proj_down.shape[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        d = x.dtype
+        return svdquant_linear(
+            x,
+            self.weight,
+            self.weight_scale.to(d),
+            self.weight_smooth_factor.to(d),
+            self.weight_proj_down,
+            self.weight_proj_up,
+            None if self.bias is None else self.bias.to(d),
+        )
+
+    @torch.no_grad()
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """`Q(R) / s + proj_up · proj_downᵀ`: the weight the layer applies to a token it did not quantize."""
+        w = dequantize_weight(self.weight, self.weight_scale.float()) / self.weight_smooth_factor.float()
+        return (w + self.weight_proj_up.float() @ self.weight_proj_down.float().t()).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, W4A4 g{GROUP}, rank={self.rank}, svdquant_w4a4"

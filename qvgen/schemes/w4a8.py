@@ -52,9 +52,17 @@ def codebook(device: torch.device | str = "cpu") -> Tensor:
     return torch.tensor(CODEBOOK, dtype=torch.float32, device=device)
 
 
+ROTATION_GROUPS = (CONVROT_GROUP, 64, 16)  # regular Hadamard sizes (powers of 4) the layout accepts
+
+
+def rotation_group(in_features: int) -> int:
+    """The layer's ConvRot group: 256 where K allows it, else 64 or 16 (the layout's `convrot_groupsize`); 0: none."""
+    return next((g for g in ROTATION_GROUPS if in_features % g == 0), 0)
+
+
 def supports(in_features: int, group: int = GROUP) -> bool:
-    """Whether the layout can hold a layer with this K (rotation groups of 256, code groups of 16)."""
-    return in_features > 0 and in_features % CONVROT_GROUP == 0 and in_features % group == 0
+    """Whether the layout can hold a layer with this K: a rotation group divides K, and so does the code group."""
+    return in_features > 0 and rotation_group(in_features) > 0 and in_features % group == 0
 
 
 # ---- codes ---------------------------------------------------------------------------------------
@@ -173,6 +181,7 @@ def w4a8_linear(
     bias: Tensor | None = None,
     *,
     group: int = GROUP,
+    convrot_group: int = CONVROT_GROUP,
 ) -> Tensor:
     """One W4A8 layer in plain PyTorch: rotate, int8 tokens, int8 × grid GEMM (exact integer sums), scale.
 
@@ -185,7 +194,7 @@ def w4a8_linear(
     k = shape[-1]
     if qweight.shape[-1] * 2 != k:
         raise ValueError(f"W4A8: input has {k} features but the packed weight holds {qweight.shape[-1] * 2}")
-    qx, sx = quantize_acts(rotate(x.reshape(-1, k), CONVROT_GROUP))
+    qx, sx = quantize_acts(rotate(x.reshape(-1, k), convrot_group))
     wq = int8_weight(qweight, s_rel, table, group).to(torch.int8)
     y = _int_matmul(qx, wq) * (sx * s_channel.float().reshape(1, -1))
     y = y.to(x.dtype)
@@ -200,7 +209,7 @@ class GroupedCodebookQuantizer(nn.Module):
     def __init__(self, out_features: int, in_features: int, group: int = GROUP) -> None:
         super().__init__()
         if not supports(in_features, group):
-            raise ValueError(f"W4A8 needs in_features divisible by {CONVROT_GROUP} and {group}, got {in_features}")
+            raise ValueError(f"W4A8 needs in_features divisible by 16 and by {group}, got {in_features}")
         self.bits = 4
         self.group = group
         self.s_channel = nn.Parameter(torch.ones(out_features))
@@ -246,3 +255,62 @@ class Int8TokenQuantizer(nn.Module):
 
     def forward(self, x: Tensor, bucket: Tensor | int = 0) -> Tensor:  # bucket: same call as ActQuantizer
         return fake_quant_acts(x).to(x.dtype)
+
+
+class W4A8Linear(nn.Module):
+    """Inference form of a ComfyUI `asym_w4a8_int8` layer, with ComfyUI's tensor names (PyTorch, exact int GEMM)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        group: int = GROUP,
+        convrot_group: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not supports(in_features, group):
+            raise ValueError(f"W4A8 needs in_features divisible by 16 and by {group}, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.group = group
+        self.convrot_group = convrot_group or rotation_group(in_features)
+
+        def p(t: Tensor) -> nn.Parameter:
+            return nn.Parameter(t, requires_grad=False)
+
+        # `weight_s_channel` first: `next(module.parameters()).dtype` must be a float dtype
+        self.weight_s_channel = p(torch.ones(out_features, device=device))
+        self.weight = p(torch.zeros(out_features, in_features // 2, dtype=torch.int8, device=device))
+        self.weight_s_rel = p(torch.ones(out_features, in_features // group, device=device).to(SCALE_DTYPE))
+        self.weight_codebook = p(codebook(device or "cpu"))
+        self.bias = p(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return w4a8_linear(
+            x,
+            self.weight,
+            self.weight_s_rel,
+            self.weight_s_channel,
+            self.weight_codebook,
+            self.bias,
+            group=self.group,
+            convrot_group=self.convrot_group,
+        )
+
+    @torch.no_grad()
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """`s_channel · grid[code]` rotated back to the original input space."""
+        w = int8_weight(self.weight, self.weight_s_rel, self.weight_codebook, self.group)
+        return rotate(w * self.weight_s_channel.float()[:, None], self.convrot_group).to(dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, W4A8 g{self.group}, "
+            f"convrot {self.convrot_group}, asym_w4a8_int8"
+        )
