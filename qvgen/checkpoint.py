@@ -22,9 +22,12 @@ from torch import Tensor, nn
 
 from .atomic import atomic_dir, atomic_file
 from .config import FORMAT_VERSION, ConfigError, QVGenConfig
-from .convert import current_rank
-from .layers import PackedLinear, QVGenLinear
+from .layers import QVGenLinear
 from .packed_layer import REQUIRED, PackedLayerError, check_codes, tensor_dtype
+from .packed_linear import PackedLinear
+from .schemes import get_scheme
+from .surgery import build_packed_model, current_rank
+from .transforms import uses_rotation, uses_smoothing
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
@@ -91,7 +94,7 @@ def finalize_config(config: QVGenConfig, model: nn.Module) -> QVGenConfig:
     )
 
 
-def save_quantized(
+def save_packed(
     model: nn.Module,
     config: QVGenConfig,
     path: str | os.PathLike,
@@ -101,28 +104,20 @@ def save_quantized(
     dtype: torch.dtype | None = torch.bfloat16,
     max_shard_size: str = "10GB",
 ) -> Path:
-    """Write a QVGen checkpoint: a folder, or one file when `path` ends in `.safetensors`.
+    """Write a QVGen checkpoint (docs/format.md): a folder, or one file when `path` ends in `.safetensors`.
 
-    Scheme `convrot_w4a4` models are written in ComfyUI's native format instead
-    (`qvgen.comfy_native.export_comfy`), always as one `.safetensors` file.
+    Only schemes whose file format is QVGen's; `qvgen.api.save_quantized` picks the writer.
     """
     path = Path(path)
-    if config.scheme == "convrot_w4a4":
-        from .comfy_native import export_comfy
-
-        if path.suffix != ".safetensors" or single_file is False:
-            raise CheckpointError(
-                f"{path}: scheme 'convrot_w4a4' exports one ComfyUI .safetensors file; "
-                "pass a path ending in .safetensors"
-            )
-        return export_comfy(model, config, path, model_config=model_config, dtype=dtype).path
+    if get_scheme(config.scheme).file_format != "qvgen":
+        raise CheckpointError(f"{path}: scheme {config.scheme!r} is not written as a QVGen checkpoint")
     single_file = path.suffix == ".safetensors" if single_file is None else single_file
     config = finalize_config(config, model)
     if model_config is None:
         model_config = dict(getattr(model, "config", {}) or {})
         if model_config:  # diffusers models: record the class the way `save_config` does
             model_config.setdefault("_class_name", type(model).__name__)
-    model_config = _jsonable(model_config)
+    model_config = jsonable(model_config)
     tensors = export_state_dict(model, dtype)
     if single_file:
         meta = {
@@ -153,7 +148,8 @@ def _write_folder(
     (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+def jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` as plain JSON types (tuples as lists, anything else as its string)."""
     return json.loads(json.dumps(dict(d), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
@@ -225,10 +221,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: metadata '{META_MODEL_CONFIG}' is not valid JSON ({e})") from None
         files = [path]
-    if config.scheme == "convrot_w4a4":
+    if get_scheme(config.scheme).file_format != "qvgen":
         raise CheckpointError(
-            f"{path}: a ComfyUI-native ConvRot checkpoint (scheme 'convrot_w4a4'), not a packed QVGen one; "
-            "load it with ComfyUI's stock 'Load Diffusion Model' node or qvgen.comfy_native.load_comfy_native"
+            f"{path}: a ComfyUI-native checkpoint (scheme {config.scheme!r}), not a packed QVGen one; load it "
+            "with ComfyUI's stock 'Load Diffusion Model' node or qvgen.load_quantized_model"
         )
     validate_state_dict(state, config, str(path))
     return Checkpoint(config, model_config, state, files)
@@ -318,7 +314,6 @@ def _validate_layer(state: dict[str, Tensor], name: str, config: QVGenConfig, so
             f"rank ≤ current_rank={config.current_rank}",
             down.shape[0],
         )
-    from .transforms import uses_rotation, uses_smoothing
 
     k = q.shape[1] * 2 if config.weight_bits <= 4 else q.shape[1]
     for needed, key in (
@@ -363,51 +358,18 @@ def load_into(model: nn.Module, ckpt: Checkpoint, source: str = "checkpoint") ->
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ckpt.state_dict.items()}, strict=True, assign=True)
 
 
-def empty_model(model_config: dict, path: str | os.PathLike, model_cls: type[nn.Module] | None = None) -> nn.Module:
-    """The model a checkpoint's config describes (diffusers class from `_class_name` unless
-    `model_cls` is given), its parameters on `meta`: no full-precision copy is materialised."""
-    if model_cls is None:
-        cls_name = model_config.get("_class_name")
-        if not cls_name:
-            raise CheckpointError(f"{path}: model config has no '_class_name'; pass model_cls explicitly")
-        import diffusers
-
-        model_cls = getattr(diffusers, cls_name, None)
-        if model_cls is None:
-            raise CheckpointError(f"{path}: unknown diffusers model class {cls_name!r}")
-    from accelerate import init_empty_weights
-
-    cfg = {k: v for k, v in model_config.items() if not k.startswith("_")}
-    with init_empty_weights():
-        return model_cls.from_config(cfg) if hasattr(model_cls, "from_config") else model_cls(**cfg)
-
-
-def load_quantized_model(
-    path: str | os.PathLike,
-    *,
-    model_cls: type[nn.Module] | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+def load_packed_model(
+    model: nn.Module, ckpt: Checkpoint, source: str, *, dtype: torch.dtype, device: str | torch.device
 ) -> nn.Module:
-    """Build the model described by a checkpoint (diffusers class from its config) and load it."""
-    from .convert import build_packed_model
+    """Load `ckpt` into `model` (a skeleton, e.g. on `meta`): its linear layers become packed shells first.
 
-    path = Path(path)
-    if path.is_file():
-        from .comfy_native import is_comfy_native, load_comfy_native
-
-        meta = read_safetensors_metadata(path)
-        if is_comfy_native(meta):
-            model = None
-            if model_cls is not None:
-                model = empty_model(json.loads(meta.get(META_MODEL_CONFIG, "{}")), path, model_cls)
-            return load_comfy_native(path, model, dtype=dtype, device=device)
-    ckpt = load_checkpoint(path)
-    model = empty_model(ckpt.model_config, path, model_cls)
+    The one dtype rule after loading: float tensors follow `dtype`, except where the format fixes
+    theirs (scales, zero points, clipping factors stay float32; `qvgen.packed_layer.PACKED_TENSORS`).
+    """
     build_packed_model(model, ckpt.config, dtype=dtype, device="meta")
-    load_into(model, ckpt, str(path))
+    load_into(model, ckpt, source)
     model.to(device=device)
-    for m in model.modules():  # float tensors follow the compute dtype, except where the format fixes it
+    for m in model.modules():
         for name, p in list(m.named_parameters(recurse=False)):
             want = tensor_dtype(name, dtype) if isinstance(m, PackedLinear) else dtype
             if p.is_floating_point() and p.dtype != want:

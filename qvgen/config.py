@@ -13,13 +13,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .quantizers import ZERO_POINT_GRADS
+from .schemes import SCHEMES  # the schemes' arithmetic and names (qvgen.schemes)
+from .transforms import TRANSFORMS
+
 # 2: the `scheme` field (version-1 configs have none and are read as "qvgen"); 3: the input-transform
 # fields and tensors (`input_signs`, `smooth`) and `zero_point_grad` (older files have none: no transform)
 FORMAT_VERSION = 3
 QUANT_METHOD = "qvgen"
-# qvgen: the paper's asymmetric W{b}A{b} with learned clipping (QVGen's own packed format);
-# convrot_w4a4: ComfyUI's native ConvRot arithmetic (qvgen/convrot.py), exported in ComfyUI's format.
-SCHEMES = ("qvgen", "convrot_w4a4")
 
 
 class ConfigError(ValueError):
@@ -83,9 +84,6 @@ class QVGenConfig:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ConfigError(f"{name}: expected a value in (0, 1], got {v!r}")
-        from .quantizers import ZERO_POINT_GRADS
-        from .transforms import TRANSFORMS
-
         if self.zero_point_grad not in ZERO_POINT_GRADS:
             raise ConfigError(
                 f"zero_point_grad: expected one of {list(ZERO_POINT_GRADS)}, got {self.zero_point_grad!r}"
@@ -99,26 +97,13 @@ class QVGenConfig:
             raise ConfigError(f"smooth_alpha: expected a value in [0, 1], got {self.smooth_alpha!r}")
         if self.scheme not in SCHEMES:
             raise ConfigError(f"scheme: expected one of {list(SCHEMES)}, got {self.scheme!r}")
-        if self.scheme == "convrot_w4a4":
-            self._validate_convrot()
+        why = SCHEMES[self.scheme].check(self)
+        if why:
+            raise ConfigError(why)
         for name in ("modules_to_convert", "modules_to_not_convert"):
             v = getattr(self, name)
             if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
                 raise ConfigError(f"{name}: expected a list of name patterns, got {v!r}")
-
-    def _validate_convrot(self) -> None:
-        """ConvRot fixes the arithmetic: W4, per-token A4 (or A8, ComfyUI's int8 path), its own rotation."""
-        if self.weight_bits != 4:
-            raise ConfigError(f"weight_bits: scheme 'convrot_w4a4' stores int4 weights, got {self.weight_bits!r}")
-        if self.act_bits not in (4, 8):
-            raise ConfigError(
-                f"act_bits: scheme 'convrot_w4a4' quantizes tokens to int4 (4) or int8 (8), got {self.act_bits!r}"
-            )
-        if self.input_transform != "none":
-            raise ConfigError(
-                "input_transform: scheme 'convrot_w4a4' applies its own Hadamard rotation; "
-                f"expected 'none', got {self.input_transform!r}"
-            )
 
     # ---- layer selection -------------------------------------------------------------------
     def should_convert(self, name: str) -> bool:

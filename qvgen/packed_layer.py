@@ -10,20 +10,23 @@
   weight, used by the diffusers quantize-on-load and ComfyUI's Quantize node alike, so both give the
   same bits for the same weights and settings.
 
-`qvgen.layers.PackedLinear.set_tensors` is where a layer is built from these tensors.
+`qvgen.packed_linear.PackedLinear.set_tensors` is where a layer is built from these tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .config import QVGenConfig
 from .kernels_import import qvgen_kernels
 from .quantizers import SCALE_MIN, ActQuantizer, init_weight_qparams, minmax_weight_qparams, quantize_weight_int
 from .transforms import hadamard_block, random_signs, rotate, uses_rotation, uses_smoothing
+
+if TYPE_CHECKING:
+    from .config import QVGenConfig
 
 
 class PackedLayerError(ValueError):

@@ -32,6 +32,11 @@ class TimestepState:
         self.bucket = timestep_to_bucket(t, self.n_buckets, self.num_train_timesteps)
 
 
+def bucket_of(state: TimestepState | None) -> Tensor | int:
+    """The bucket a layer reads: its state's, or 0 when the layer is not attached to a model."""
+    return 0 if state is None else state.bucket
+
+
 def timestep_to_bucket(t: Tensor | float | int | None, n_buckets: int, num_train_timesteps: int) -> Tensor | int:
     """Bucket index of timestep(s) `t` in [0, num_train_timesteps]; None → bucket 0.
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .kernels_import import qvgen_kernels
-from .layers import PackedLinear
+from .packed_linear import PackedLinear
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ with the repo's own layout, so they also show up in the loader's checkpoint list
 (or `HF_HUB_OFFLINE=1`) whatever was downloaded before is used.
 
 A repo of the QVGen authors (`Harahan/QVGen-Wan-1_3B-W4A4`: their fake-quantization layout,
-`qvgen/convert_official.py`) is downloaded the same way, converted once into
+`qvgen/adapters/official.py`) is downloaded the same way, converted once into
 `comfyui/<name>.safetensors` in that folder (the download is then removed) and reused from there,
 offline too. A local folder or file in the authors' layout is converted once into
 `<diffusion_models>/qvgen/local--<name>-<hash>/` the same way.
@@ -226,8 +226,8 @@ def _fetch_authors(
 
 def convert_authors(source: Path, output: Path) -> Path:
     """Convert an authors' checkpoint (folder or file with its config.json) into one QVGen file."""
+    from qvgen.adapters.official import convert_to_file
     from qvgen.checkpoint import CheckpointError
-    from qvgen.convert_official import convert_to_file
 
     log.info("QVGen: converting the authors' checkpoint %s into %s (once)", source, output)
     try:
@@ -239,7 +239,7 @@ def convert_authors(source: Path, output: Path) -> Path:
 
 def is_authors_checkpoint(path: Path) -> bool:
     """Whether a local file or folder holds an authors' fake-quantization checkpoint (header read only)."""
-    from qvgen.convert_official import resolve_source
+    from qvgen.adapters.official import resolve_source
 
     try:
         files, _, _ = resolve_source(path)
@@ -262,7 +262,7 @@ def local_authors(path: Path, base: Path) -> Path:
             f"{path}: not a checkpoint in the QVGen authors' layout (no '<layer>.wquantizer.scale' tensors in "
             "diffusion_pytorch_model*.safetensors); put QVGen checkpoints in models/diffusion_models instead"
         )
-    from qvgen.convert_official import resolve_source
+    from qvgen.adapters.official import resolve_source
 
     files, _, _ = resolve_source(path)
     stamp = max(f.stat().st_mtime for f in files)

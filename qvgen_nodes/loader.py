@@ -1,6 +1,6 @@
 """The QVGen loader's logic: find a checkpoint, build ComfyUI's Wan model with QVGen layers.
 
-    checkpoint file/folder ──► qvgen.load_checkpoint (validates) ──► ComfyUI names (qvgen.comfy_names)
+    checkpoint file/folder ──► qvgen.load_checkpoint (validates) ──► ComfyUI names (qvgen.adapters.comfy.names)
         ──► + shape-only `weight` placeholders so ComfyUI's model detection sees a Wan model
         ──► comfy.sd.load_diffusion_model_state_dict(custom_operations=QVGen ops) ──► ModelPatcher
         ──► timestep pre-hook on the diffusion model (activation-clipping buckets)
@@ -150,7 +150,7 @@ def comfy_state_dict(state: dict[str, Tensor], weight_bits: int) -> tuple[dict[s
     """The checkpoint under ComfyUI's Wan names, plus a shape-only `<layer>.weight` (meta tensor) per
     packed layer: ComfyUI's model detection reads e.g. `head.head.weight.shape`; the QVGen layers
     drop the placeholder when they load. Returns the dict and the packed layers' names."""
-    from qvgen.comfy_names import to_comfy_state_dict
+    from qvgen.adapters.comfy.names import to_comfy_state_dict
 
     try:
         sd = to_comfy_state_dict(state)

@@ -17,7 +17,7 @@ registering a third-party layout in ComfyUI's internal registry and smuggling th
 tensor subclass; and the mechanism exists only in ComfyUI releases from late 2025 on. A custom
 operations class handed to `comfy.sd.load_diffusion_model_state_dict(..., model_options=
 {"custom_operations": ops})` is a documented, stable argument that works on old and new releases
-alike, and keeps all QVGen arithmetic in `qvgen.layers.PackedLinear` and `qvgen_kernels`.
+alike, and keeps all QVGen arithmetic in `qvgen.packed_linear.PackedLinear` and `qvgen_kernels`.
 
 How ComfyUI's machinery meets a packed layer:
 - Loading: `_load_from_state_dict` takes the packed tensors (`qweight`, `weight_scale`, …) as
@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qvgen.config import QVGenConfig
-from qvgen.layers import PackedLinear
 from qvgen.packed_layer import PACKED_TENSORS, PackedLayerError
+from qvgen.packed_linear import PackedLinear
 from qvgen.timestep import TimestepState
 
 PACKED_KEYS = tuple(PACKED_TENSORS)

@@ -122,7 +122,7 @@ def make_fp_checkpoint(path: Path) -> Path:
     """The same tiny model in full precision, under ComfyUI's names (what UNETLoader reads)."""
     from safetensors.torch import save_file
 
-    from qvgen.comfy_names import to_comfy_state_dict
+    from qvgen.adapters.comfy.names import to_comfy_state_dict
 
     sd = {k: v.contiguous() for k, v in to_comfy_state_dict(tiny_wan().state_dict()).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -404,7 +404,7 @@ def test_loader_graph_runs_to_a_saved_video(server):
 
 
 def test_a_broken_checkpoint_fails_its_prompt_and_the_server_keeps_serving(server):
-    from qvgen.comfy_names import diffusers_to_comfy
+    from qvgen.adapters.comfy.names import diffusers_to_comfy
 
     broken = first_packed_key(server.base / "models" / "diffusion_models" / QVGEN_FILE).removesuffix(".qweight")
     entry = server.run(_latent_graph({"class_type": "QVGenLoader", "inputs": {"checkpoint": BROKEN_FILE}}, "qvgen/bad"))

@@ -84,7 +84,7 @@ def test_converted_model_close_to_fp_and_trains(wan_model):
 
 
 def test_quantization_mode_switches_error_sources(wan_model):
-    from qvgen.convert import quantization_mode
+    from qvgen.surgery import quantization_mode
 
     x, t, e = wan_inputs()
     with torch.no_grad():

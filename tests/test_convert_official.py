@@ -24,7 +24,7 @@ from torch import nn
 
 import qvgen
 from qvgen import CheckpointError
-from qvgen.convert_official import convert_official, main
+from qvgen.adapters.official import convert_official, main
 from qvgen.quantizers import init_weight_qparams
 
 diffusers = pytest.importorskip("diffusers")
@@ -161,7 +161,7 @@ def test_identity_buckets_follow_their_inference_countdown(tmp_path, authors):
 
 def test_single_file_without_diffusers_equals_convert_official(tmp_path, authors, monkeypatch):
     """What the ComfyUI loader runs: no diffusers needed, the same tensors as `python -m qvgen.convert`."""
-    from qvgen.convert_official import convert_to_file
+    from qvgen.adapters.official import convert_to_file
 
     folder, _ = authors
     convert_official(folder, tmp_path / "ref.safetensors", dtype=torch.bfloat16)

@@ -24,20 +24,20 @@ from qvgen import (
     QVGenConfig,
     QVGenLinear,
     convert_model,
-    convrot,
     export_comfy,
     load_checkpoint,
     load_quantized_model,
     pack_model,
     save_quantized,
 )
-from qvgen.comfy_native import ComfyNativeError, read_comfy_native
+from qvgen.adapters.comfy.native import ComfyNativeError, read_comfy_native
 from qvgen.config import FORMAT_VERSION, ConfigError
+from qvgen.schemes import convrot
 
 CFG = dict(scheme="convrot_w4a4", rank=0)
 
 
-# ---- an independent reference, written from the spec (no code shared with qvgen.convrot) --------
+# ---- an independent reference, written from the spec (no code shared with qvgen.schemes.convrot) --------
 def spec_hadamard(n: int) -> torch.Tensor:
     """Entry (i, j) of H4^{⊗k}/√n is the product over base-4 digits of H4[i_d, j_d], over √n."""
     h4 = [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]]
@@ -116,7 +116,7 @@ def test_fake_quant_matches_spec_reference(act_bits):
         x = torch.randn(3, 7, 512)
         ref = spec_linear(x, lin.weight, lin.bias, act_bits, layer.weight_quantizer.export_scale())
         _close(layer(x), ref)
-        t = layer.convrot_tensors()
+        t = layer.export_tensors()
         packed = ConvRotLinear(512, 96, True, act_bits)
         packed.load_state_dict(t)
         _close(packed(x), ref)
@@ -127,14 +127,14 @@ def test_fake_quant_matches_comfy_kitchen_eager():
     lin, layer, _ = _layer()
     w = lin.weight.detach()
     qw, sw = ck.quantize_convrot_w4a4_weight(w, 256, 64)
-    t = layer.convrot_tensors()
+    t = layer.export_tensors()
     assert torch.equal(t["weight"], qw) and torch.equal(t["weight_scale"], sw)  # bit-identical export
     x = torch.randn(5, 512)
     with ck.registry.use_backend("eager"), torch.no_grad():
         ref = ck.convrot_w4a4_linear(x, qw, sw, lin.bias.detach(), 256, 64)
         _close(layer(x), ref)
         layer.weight_quantizer.scale.mul_(0.85)  # learned scale: ComfyUI runs whatever is exported
-        t = layer.convrot_tensors()
+        t = layer.export_tensors()
         ref = ck.convrot_w4a4_linear(x, t["weight"], t["weight_scale"], t["bias"], 256, 64)
         _close(layer(x), ref)
         _close(convrot.convrot_linear(x, t["weight"], t["weight_scale"], t["bias"]), ref)
@@ -174,12 +174,12 @@ def test_phi_decays_to_zero_and_export_requires_it():
     _, layer, _ = _layer(rank=4)
     assert layer.rank == 4
     with pytest.raises(ValueError, match="Φ rank 4"):
-        layer.convrot_tensors()
+        layer.export_tensors()
     layer.halve_phi(2)
     assert layer.rank == 2
     layer.halve_phi(0)
     assert layer.rank == 0 and layer.phi_down is None
-    assert set(layer.convrot_tensors()) == {"weight", "weight_scale", "bias"}
+    assert set(layer.export_tensors()) == {"weight", "weight_scale", "bias"}
 
 
 # ---- export in ComfyUI's format and loading -------------------------------------------------------
@@ -298,7 +298,7 @@ def test_export_refuses_live_phi_and_wrong_targets(tmp_path):
 def test_save_quantized_dispatches_and_load_checkpoint_points_to_the_right_loader(tmp_path):
     model, _ = _converted()
     path = save_quantized(model, QVGenConfig(**CFG), tmp_path / "wan.safetensors")
-    with pytest.raises(CheckpointError, match="ComfyUI-native ConvRot checkpoint.*Load Diffusion Model"):
+    with pytest.raises(CheckpointError, match="ComfyUI-native checkpoint.*convrot_w4a4.*Load Diffusion Model"):
         load_checkpoint(path)
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from tiny_models import tiny_wan
 
-from qvgen.checkpoint import load_quantized_model, save_quantized
+from qvgen.api import load_quantized_model, save_quantized
 from qvgen.config import QVGenConfig
-from qvgen.convert import convert_model
 from qvgen.eval import evaluate, psnr, ssim
 from qvgen.eval.cli import main
+from qvgen.surgery import convert_model
 
 SHAPE = (4, 3, 8, 8)
 DAMAGED = "blocks.1.ffn.net.2"

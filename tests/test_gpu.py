@@ -18,7 +18,7 @@ from qvgen_kernels.backend import resolve_backend
 from tiny_models import tiny_wan, tiny_wan_pipeline, wan_inputs, write_clips
 
 from qvgen import PackedLinear, QVGenConfig, convert_model, load_quantized_model, pack_model
-from qvgen.convert import calibrate_smoothing
+from qvgen.surgery import calibrate_smoothing
 from qvgen.widen import widen_weights
 
 pytestmark = [

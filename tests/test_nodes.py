@@ -17,7 +17,7 @@ from torch import nn
 
 import_nodes()
 from qvgen import QVGenConfig  # noqa: E402
-from qvgen.comfy_names import comfy_to_diffusers, detect_naming, diffusers_to_comfy, to_comfy_state_dict  # noqa: E402
+from qvgen.adapters.comfy.names import comfy_to_diffusers, detect_naming, diffusers_to_comfy, to_comfy_state_dict  # noqa: E402
 from qvgen.layers import QVGenLinear  # noqa: E402
 from qvgen.quantizers import fake_quant_act, fake_quant_weight  # noqa: E402
 from qvgen_nodes import download, loader, ops, quantize, schema  # noqa: E402
@@ -130,7 +130,7 @@ def test_wan_names_both_ways(wan_model):
 # ---- the operations class ---------------------------------------------------------------------
 @pytest.mark.parametrize("transform,rank", [("none", 0), ("hadamard", 4), ("smooth", 0)])
 def test_ops_linear_computes_what_packed_linear_does(transform, rank):
-    from qvgen.convert import pack_model
+    from qvgen.surgery import pack_model
 
     ref, layer, settings = _packed_layer(rank=rank, transform=transform)
     holder = nn.Module()
@@ -472,9 +472,9 @@ def test_local_authors_folder_is_converted_once_and_loads(fake_host, tmp_path, m
     path = loader.locate(schema.NO_LOCAL, str(src))
     base = fake_host["dirs"][1] / "qvgen"
     assert path.is_file() and base in path.parents and path.parent.name == "comfyui"
-    from qvgen.convert_official import convert_to_file  # noqa: F401  (replaced below: no second conversion)
+    from qvgen.adapters.official import convert_to_file  # noqa: F401  (replaced below: no second conversion)
 
-    monkeypatch.setattr("qvgen.convert_official.convert_to_file", lambda *a, **k: pytest.fail("converted again"))
+    monkeypatch.setattr("qvgen.adapters.official.convert_to_file", lambda *a, **k: pytest.fail("converted again"))
     assert loader.locate(schema.NO_LOCAL, str(src)) == path
     assert os.path.relpath(path, fake_host["dirs"][1]) in loader.checkpoint_options()  # listed from now on
     loaded = loader.load_model(path)

@@ -19,7 +19,7 @@ from torch import nn
 
 import qvgen
 from qvgen import CheckpointError, PackedLinear, QVGenConfig, QVGenLinear, convert_model, pack_model, save_quantized
-from qvgen.comfy_names import diffusers_to_comfy
+from qvgen.adapters.comfy.names import diffusers_to_comfy
 from qvgen.packed_layer import PACKED_TENSORS, PackedLayerError, quantize_linear
 
 import_nodes()

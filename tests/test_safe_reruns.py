@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import tiny_wan, tiny_wan_pipeline, write_clips
 
 from qvgen import QVGenConfig
-from qvgen.checkpoint import save_quantized
+from qvgen.api import save_quantized
 from qvgen.layers import top_svd
 from qvgen.train import LatentDataset, TrainOptions, train
 from qvgen.train.cli import main as train_main
@@ -228,7 +228,7 @@ def _authors_checkpoint(folder):
 
 @pytest.mark.parametrize("target", ["file", "folder"])
 def test_convert_refuses_to_replace_its_source(tmp_path, capsys, target):
-    from qvgen.convert_official import main as convert_main
+    from qvgen.adapters.official import main as convert_main
 
     src = _authors_checkpoint(tmp_path / "authors")
     before = src.read_bytes()
@@ -239,7 +239,7 @@ def test_convert_refuses_to_replace_its_source(tmp_path, capsys, target):
 
 
 def test_convert_hub_source_offline_is_one_line(tmp_path, capsys, monkeypatch):
-    from qvgen.convert_official import main as convert_main
+    from qvgen.adapters.official import main as convert_main
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     assert convert_main(["qvgen-test/not-cached", str(tmp_path / "out")]) == 2
@@ -269,7 +269,7 @@ def test_pickle_weights_are_refused(tmp_path):
 
     import qvgen  # noqa: F401  (registers the backend)
     from qvgen import CheckpointError
-    from qvgen.convert import convert_model, pack_model
+    from qvgen.surgery import convert_model, pack_model
 
     model, cfg = tiny_wan(), QVGenConfig(rank=0, n_buckets=2)
     convert_model(model, cfg, progress=False)

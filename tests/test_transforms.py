@@ -9,7 +9,7 @@ from scipy.linalg import hadamard
 from tiny_models import assert_matches_fake_quant, tiny_wan, wan_inputs
 
 from qvgen import QVGenConfig, convert_model, load_quantized_model, save_quantized
-from qvgen.convert import quantization_mode
+from qvgen.surgery import quantization_mode
 from qvgen.transforms import fwht, hadamard_block, random_signs, rotate, unrotate
 
 

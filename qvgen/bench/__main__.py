@@ -9,7 +9,7 @@ import sys
 # command name -> module; a module that does not exist yet is simply not offered
 SUBCOMMANDS = {
     "comfy": "qvgen.bench.comfy",
-    "kernels": "qvgen.bench.kernels",
+    "kernels": "qvgen.bench.kernels_cli",
     "train": "qvgen.bench.train",
     "step": "qvgen.bench.step",
 }
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name == module_name:
                 continue
             raise
-        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+        p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.__doc__),
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

@@ -150,7 +150,7 @@ def build_model(model: str, variant: str, device: torch.device, dtype: torch.dty
     from diffusers import WanTransformer3DModel
 
     from qvgen import QVGenConfig
-    from qvgen.convert import build_packed_model
+    from qvgen.surgery import build_packed_model
 
     with init_empty_weights():  # parameters on meta: nothing allocated until to_empty
         net = WanTransformer3DModel(**_config(model))

@@ -1,5 +1,5 @@
-"""`python -m qvgen.convert`: import the paper authors' fake-quant checkpoints (see convert_official)."""
+"""`python -m qvgen.convert`: import the paper authors' fake-quant checkpoints (see qvgen.adapters.official)."""
 
-from ..convert_official import main
+from ..adapters.official import main
 
 raise SystemExit(main())

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..convert import quantization_mode
+from ..surgery import quantization_mode
 from ..train.objectives import predict
 
 SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)

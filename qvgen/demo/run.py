@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import load_quantized_model, save_quantized
+from ..api import load_quantized_model, save_quantized
 from ..config import QVGenConfig
-from ..convert import convert_model
 from ..decay import RankDecaySchedule
 from ..quantizers import ZERO_POINT_GRADS
+from ..surgery import convert_model
 from ..train import LatentDataset, TrainOptions, train
 from . import shapes, teacher, text
 from .evaluate import EvalSet, mse, predictions, velocity_errors

@@ -10,7 +10,7 @@
 Registration (this file) is the only place QVGen touches diffusers' internals. diffusers has no
 plugin API for quantizers: it looks `quant_method` up in two dicts of `diffusers.quantizers.auto`
 (`AUTO_QUANTIZER_MAPPING`, `AUTO_QUANTIZATION_CONFIG_MAPPING`). `register()` adds "qvgen" to both.
-`import qvgen` runs `install()`: when that diffusers module is already imported it registers at
+`import qvgen` runs `install()` (qvgen/__init__.py): when that diffusers module is already imported it registers at
 once; otherwise a one-shot import hook registers the moment diffusers imports it. So `import qvgen`
 never imports diffusers itself (that costs seconds) and works where diffusers is not installed.
 A registration failure (an incompatible diffusers) is a warning, never a broken diffusers import.
@@ -116,6 +116,3 @@ def __getattr__(name: str) -> Any:
 
         return QVGenQuantizer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-install()

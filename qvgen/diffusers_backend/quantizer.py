@@ -28,9 +28,10 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, validate_state_dict
 from ..config import QVGenConfig
-from ..convert import build_packed_model, timestep_state, unsupported_reason
-from ..layers import PackedLinear, QVGenLinear
+from ..layers import QVGenLinear
 from ..packed_layer import PACKED_TENSORS, PackedLayerError, check_codes, quantize_linear
+from ..packed_linear import PackedLinear
+from ..surgery import build_packed_model, timestep_state, unsupported_reason
 from .config import QVGenQuantizationConfig
 
 logger = logging.getLogger("qvgen.diffusers")

@@ -56,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, str]:
-    from ..checkpoint import load_quantized_model
+    from ..api import load_quantized_model
     from ..config import QVGenConfig
-    from ..convert import convert_model
     from ..demo import teacher
+    from ..surgery import convert_model
 
     original = teacher.load_teacher()
     if args.checkpoint is not None:
@@ -117,7 +117,7 @@ def _models_and_inputs(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.checkpoint is None or args.original is None:
         raise SystemExit("give --demo, or both --checkpoint (quantized) and --original (full precision)")
-    from ..checkpoint import load_quantized_model
+    from ..api import load_quantized_model
 
     quantized = load_quantized_model(args.checkpoint)
     original = _original(args, quantized)

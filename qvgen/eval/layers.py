@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..convert import quantized_layers
+from ..surgery import quantized_layers
 from ..timestep import TimestepState
 
 

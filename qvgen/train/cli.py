@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_quantized
+from ..api import save_quantized
 from ..config import SCHEMES, QVGenConfig
 from ..decay import RankDecaySchedule
 from ..quantizers import ZERO_POINT_GRADS
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = p.add_argument_group("quantization")
     q.add_argument(
         "--scheme",
-        choices=SCHEMES,
+        choices=list(SCHEMES),
         default="qvgen",
         help="qvgen: the paper's W/A quantizers, packed QVGen checkpoint; convrot_w4a4: ComfyUI's native ConvRot "
         "arithmetic (Hadamard-256 rotation, symmetric int4 per row and per token), exported as one ComfyUI "
@@ -239,7 +239,7 @@ def run(args: argparse.Namespace) -> Path:
         return export_path(args)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.export_dtype]
     if qconfig.scheme == "convrot_w4a4":
-        from ..comfy_native import export_comfy
+        from ..adapters.comfy.native import export_comfy
 
         report = export_comfy(result.student, qconfig, export_path(args), dtype=dtype)
         logging.getLogger("qvgen.train").info("%s", report)

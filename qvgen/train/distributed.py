@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..convert import STATE_ATTR
 from ..decay import RankDecaySchedule
 from ..layers import QVGenLinear
+from ..surgery import STATE_ATTR
 from ..timestep import attach_timestep_hook
 from .state import drop_dormant_phi
 

@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 
 from ..atomic import remove_stale_temps
 from ..config import QVGenConfig
-from ..convert import ConversionReport, convert_model, current_rank
 from ..decay import RankDecaySchedule
 from ..layers import QVGenLinear
+from ..surgery import ConversionReport, convert_model, current_rank
 from ..transforms import uses_smoothing
 from .distributed import PARALLEL_MODES, TEACHER_PLACEMENTS, Engine, meta_student, mixed_precision_from_env
 from .interrupt import StopOnSignal, TrainingInterrupted

@@ -21,11 +21,16 @@ K must be a multiple of 256 (the rotation group) and of 64 (the kernel's quantiz
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from .quantizers import grad_scale, round_ste
+from ..quantizers import grad_scale, round_ste
+from .base import Scheme
+
+if TYPE_CHECKING:
+    from ..config import QVGenConfig
 
 CONVROT_GROUP = 256
 QUANT_GROUP = 64  # comfy-kitchen's int4 MMA group; ConvRot's scales are still one per row
@@ -208,3 +213,122 @@ def comfy_layer_conf(act_bits: int, group: int = CONVROT_GROUP) -> dict:
     if act_bits == 8:
         conf["linear_dtype"] = "int8"
     return conf
+
+
+# ---- inference form -----------------------------------------------------------------------------
+class ConvRotLinear(nn.Module):
+    """Inference form of a ComfyUI `convrot_w4a4` layer (same tensor names as ComfyUI's checkpoint).
+
+    Runs `convrot_linear` in PyTorch; ComfyUI itself runs the same file with
+    comfy-kitchen's kernels.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        act_bits: int = 4,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not supports(in_features):
+            raise ValueError(f"ConvRot needs in_features divisible by {CONVROT_GROUP}, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.act_bits = act_bits
+        self.group = CONVROT_GROUP
+        # `weight_scale` first: `next(module.parameters()).dtype` must be a float dtype (see PackedLinear).
+        self.weight_scale = nn.Parameter(torch.ones(out_features, device=device), requires_grad=False)
+        w = torch.zeros(out_features, in_features // 2, dtype=torch.int8, device=device)
+        self.weight = nn.Parameter(w, requires_grad=False)
+        b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
+        self.bias = None if b is None else nn.Parameter(b, requires_grad=False)
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return convrot_linear(x, self.weight, self.weight_scale, self.bias, act_bits=self.act_bits, group=self.group)
+
+    @torch.no_grad()
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """`s_w q_w` rotated back to the original input space (for LoRA patching and debugging)."""
+        w = unpack_int4(self.weight).float() * self.weight_scale.float()[:, None]
+        return rotate(w, self.group).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, W4A{self.act_bits}, convrot_w4a4"
+
+
+# ---- the scheme ----------------------------------------------------------------------------------
+def check(config: QVGenConfig) -> str | None:
+    """ConvRot fixes the arithmetic: W4, per-token A4 (or A8, ComfyUI's int8 path), its own rotation."""
+    if config.weight_bits != 4:
+        return f"weight_bits: scheme 'convrot_w4a4' stores int4 weights, got {config.weight_bits!r}"
+    if config.act_bits not in (4, 8):
+        return f"act_bits: scheme 'convrot_w4a4' quantizes tokens to int4 (4) or int8 (8), got {config.act_bits!r}"
+    if config.input_transform != "none":
+        return (
+            "input_transform: scheme 'convrot_w4a4' applies its own Hadamard rotation; "
+            f"expected 'none', got {config.input_transform!r}"
+        )
+    return None
+
+
+def unsupported(in_features: int) -> str | None:
+    if supports(in_features):
+        return None
+    return f"ConvRot needs in_features divisible by {CONVROT_GROUP}: {in_features} is not a multiple of {CONVROT_GROUP}"
+
+
+def quantizers(out_features: int, in_features: int, config: QVGenConfig) -> tuple[nn.Module, nn.Module]:
+    return SymmetricWeightQuantizer(out_features, in_features, config.weight_bits), AbsmaxActQuantizer(config.act_bits)
+
+
+@torch.no_grad()
+def export(layer: Any) -> dict[str, Tensor]:
+    """ComfyUI's `convrot_w4a4` tensors: packed int4 `weight` (int8, out × K/2), `weight_scale`, `bias`.
+
+    Φ cannot be expressed in that format, so it must have decayed to rank 0.
+    """
+    if layer.rank > 0:
+        raise ValueError(
+            f"layer has Φ rank {layer.rank}; ComfyUI's convrot_w4a4 format has no low-rank branch "
+            "(train until the rank decay reaches 0)"
+        )
+    wq = layer.weight_quantizer
+    out = {"weight_scale": wq.export_scale(), "weight": pack_int4(wq.int_codes(layer.weight))}
+    if layer.bias is not None:
+        out["bias"] = layer.bias.detach().float().clone()
+    return out
+
+
+def shell(
+    linear: nn.Module, config: QVGenConfig, rank: int, dtype: torch.dtype, device: torch.device | str
+) -> ConvRotLinear:
+    if rank:
+        raise ValueError("ConvRot layers have no Φ: the rank must have decayed to 0")
+    bias = linear.bias is not None
+    return ConvRotLinear(linear.in_features, linear.out_features, bias, config.act_bits, dtype, device)
+
+
+def pack(layer: Any, config: QVGenConfig, dtype: torch.dtype, name: str) -> ConvRotLinear:
+    out = shell(layer, config, 0, dtype, layer.weight.device)
+    out.load_state_dict({k: v.to(getattr(out, k).dtype) for k, v in export(layer).items()})
+    return out
+
+
+SCHEME = Scheme(
+    name=COMFY_FORMAT,
+    file_format="comfy",
+    check=check,
+    unsupported=unsupported,
+    quantizers=quantizers,
+    rotate=rotate,
+    export=export,
+    shell=shell,
+    pack=pack,
+    inference_types=(ConvRotLinear,),
+)

@@ -49,7 +49,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .checkpoint import (
+from ..checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
     META_MODEL_CONFIG,
@@ -59,13 +59,14 @@ from .checkpoint import (
     load_checkpoint,
     load_into,
     read_safetensors,
-    save_quantized,
+    save_packed,
 )
-from .config import ConfigError, QVGenConfig
-from .convert import build_packed_model
-from .hub_errors import reaching
-from .packed_layer import assemble
-from .quantizers import quantize_weight_int
+from ..config import ConfigError, QVGenConfig
+from ..hub_errors import reaching
+from ..packed_layer import assemble
+from ..quantizers import quantize_weight_int
+from ..surgery import build_packed_model
+from .diffusers_models import empty_model
 
 PROVENANCE = "qvgen_provenance.json"
 W, B = ".w", ".b"
@@ -269,7 +270,7 @@ def convert_official(
         if base_model is None:
             raise CheckpointError(f"{src_name}: no config.json with the model class next to it; pass --base-model")
         model_config = base_model_config(base_model, base_revision)
-    model = _skeleton(model_config, src_name)
+    model = empty_model(model_config, src_name)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     for n in sorted(k[: -len(W_SCALE)] for k in state if k.endswith(W_SCALE)):
         if n not in linears:
@@ -291,7 +292,7 @@ def convert_official(
     build_packed_model(model, config, dtype=torch.float32, device="meta")
     load_into(model, Checkpoint(config, model_config, packed), src_name)
     cfg = {k: v for k, v in model_config.items() if k != "quantization_config"}
-    out = save_quantized(model, config, output, model_config=cfg, dtype=dtype)
+    out = save_packed(model, config, output, model_config=cfg, dtype=dtype)
     load_checkpoint(out)  # what was written reads back and validates
     if out.is_dir():
         provenance = {
@@ -342,18 +343,6 @@ def convert_to_file(
         tmp.unlink(missing_ok=True)
     load_checkpoint(output)
     return result
-
-
-def _skeleton(model_config: dict[str, Any], src: str) -> torch.nn.Module:
-    import diffusers
-    from accelerate import init_empty_weights
-
-    cls_name = model_config.get("_class_name")
-    cls = getattr(diffusers, str(cls_name), None)
-    if cls is None:
-        raise CheckpointError(f"{src}: unknown diffusers model class {cls_name!r}")
-    with init_empty_weights():
-        return cls.from_config({k: v for k, v in model_config.items() if k != "quantization_config"})
 
 
 def _clip_pairs(state: dict[str, Tensor], layers: list[str], src: str) -> int:
@@ -431,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m qvgen.convert",
         description="Convert the QVGen authors' fake-quantization checkpoints into QVGen's packed format.",
-        epilog="The layout assumed is documented in qvgen/convert_official.py.",
+        epilog="The layout assumed is documented in qvgen/adapters/official.py.",
     )
     p.add_argument("source", help="Hub repo id (e.g. Harahan/QVGen-Wan-1_3B-W4A4), folder or .safetensors file")
     p.add_argument("output", help="output folder (diffusers model folder) or a .safetensors file (single file)")

@@ -4,7 +4,7 @@ A model trained with `scheme="convrot_w4a4"` is written as one `.safetensors` fi
 ComfyUI loads with its stock "Load Diffusion Model" node and runs with comfy-kitchen's kernels
 (no custom node):
 
-- tensors under ComfyUI's Wan names (`blocks.0.self_attn.q.weight`, see `qvgen.comfy_names`);
+- tensors under ComfyUI's Wan names (`blocks.0.self_attn.q.weight`, see `qvgen.adapters.comfy.names`);
 - per quantized layer: `weight` int8 `(out, K/2)` (packed signed int4), `weight_scale` float32
   `(out,)`, `bias` in the export dtype, and `comfy_quant`, a uint8 tensor holding the layer's JSON
   (`{"format": "convrot_w4a4", "convrot_groupsize": 256}`), which ComfyUI's mixed-precision
@@ -29,10 +29,15 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import convrot
-from .comfy_names import to_comfy_state_dict, to_diffusers_state_dict
-from .config import FORMAT_VERSION, ConfigError, QVGenConfig
-from .layers import ConvRotLinear, QVGenLinear
+from ...atomic import atomic_file
+from ...checkpoint import CheckpointError, jsonable, read_safetensors, unquantized_tensors
+from ...config import FORMAT_VERSION, ConfigError, QVGenConfig
+from ...layers import QVGenLinear
+from ...schemes import convrot, get_scheme
+from ...schemes.convrot import ConvRotLinear
+from ...surgery import unsupported_reason
+from ..diffusers_models import empty_model
+from .names import comfy_to_diffusers, diffusers_to_comfy, to_comfy_state_dict, to_diffusers_state_dict
 
 META_COMFY_QUANT = "_quantization_metadata"
 META_QCONFIG = "quantization_config"
@@ -66,11 +71,11 @@ class ComfyExportReport:
 # ---- export --------------------------------------------------------------------------------------
 def _layer_tensors(module: nn.Module) -> dict[str, Tensor]:
     if isinstance(module, QVGenLinear):
-        if not module.convrot_group:
+        if get_scheme(module.scheme_name).file_format != "comfy":
             raise ComfyNativeError(
-                "model was trained with scheme 'qvgen'; only 'convrot_w4a4' layers export to ComfyUI"
+                f"model was trained with scheme {module.scheme_name!r}, which does not export to ComfyUI's format"
             )
-        return module.convrot_tensors()
+        return module.export_tensors()
     return {k: v.detach() for k, v in module.state_dict().items()}
 
 
@@ -78,8 +83,6 @@ def comfy_native_state_dict(
     model: nn.Module, config: QVGenConfig, dtype: torch.dtype | None = torch.bfloat16
 ) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str]]:
     """ComfyUI-named tensors, per-layer `comfy_quant` entries, and the linear layers left in full precision."""
-    from .checkpoint import unquantized_tensors
-    from .convert import unsupported_reason
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (QVGenLinear, ConvRotLinear))}
     conf = convrot.comfy_layer_conf(config.act_bits)
@@ -103,7 +106,6 @@ def comfy_native_state_dict(
         out = to_comfy_state_dict(out)
     except ValueError as e:
         raise ComfyNativeError(f"ComfyUI-native export supports Wan 2.1 transformers: {e}") from None
-    from .comfy_names import diffusers_to_comfy
 
     quant = {diffusers_to_comfy(n): dict(conf) for n in layers}
     kept = {diffusers_to_comfy(n): why for n, why in kept.items()}
@@ -136,8 +138,6 @@ def export_comfy(
     `load_comfy_native`. Linear layers whose K is not a multiple of 256 were never converted and
     are stored in `dtype`, as ComfyUI expects of a layer without a `comfy_quant` entry.
     """
-    from .atomic import atomic_file
-    from .checkpoint import _jsonable
 
     if config.scheme != "convrot_w4a4":
         raise ComfyNativeError(f"export_comfy needs scheme 'convrot_w4a4', the config has {config.scheme!r}")
@@ -153,7 +153,7 @@ def export_comfy(
     meta = {
         META_COMFY_QUANT: json.dumps({"format_version": COMFY_QUANT_VERSION, "layers": quant}),
         META_QCONFIG: qconfig.to_json(),
-        META_MODEL_CONFIG: json.dumps(_jsonable(model_config)),
+        META_MODEL_CONFIG: json.dumps(jsonable(model_config)),
         "format": "pt",
     }
     atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -174,7 +174,6 @@ class ComfyNativeFile:
 
 def read_comfy_native(path: str | os.PathLike) -> ComfyNativeFile:
     """Read and validate a ComfyUI-native file the way ComfyUI does (header metadata, then `comfy_quant`)."""
-    from .checkpoint import CheckpointError, read_safetensors
 
     path = Path(path)
     try:
@@ -266,7 +265,6 @@ def load_comfy_native(
     if model is None:
         model = _build_model(f)
     state = to_diffusers_state_dict(f.state_dict)
-    from .comfy_names import comfy_to_diffusers
 
     for comfy_name, conf in f.layers.items():
         name = comfy_to_diffusers(comfy_name)
@@ -293,7 +291,6 @@ def load_comfy_native(
 
 
 def _build_model(f: ComfyNativeFile) -> nn.Module:
-    from .checkpoint import empty_model
 
     if not f.model_config.get("_class_name"):
         raise ComfyNativeError(f"{f.path}: no '{META_MODEL_CONFIG}' with '_class_name' in the metadata; pass model=")

@@ -1,0 +1,29 @@
+"""Quantization schemes: the arithmetic a `QVGenLinear` trains for and the form it is shipped in.
+
+- `qvgen`: the paper's W{b}A{b} (asymmetric per-channel weights, per-token activations with learned
+  per-timestep clipping, optional rotation/smoothing), shipped as a packed QVGen checkpoint;
+- `convrot_w4a4`: ComfyUI's native ConvRot arithmetic, shipped as a ComfyUI single file.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import convrot, qvgen
+from .base import FILE_FORMATS, Scheme
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (qvgen.SCHEME, convrot.SCHEME)}
+
+# every inference-layer class any scheme builds (for "is this layer already quantized?")
+INFERENCE_TYPES: tuple[type[nn.Module], ...] = tuple(t for s in SCHEMES.values() for t in s.inference_types)
+
+
+def get_scheme(name: str) -> Scheme:
+    """The scheme called `name`; a KeyError naming the known ones otherwise."""
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise KeyError(f"unknown quantization scheme {name!r}; expected one of {list(SCHEMES)}") from None
+
+
+__all__ = ["FILE_FORMATS", "INFERENCE_TYPES", "SCHEMES", "Scheme", "get_scheme"]

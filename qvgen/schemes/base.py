@@ -1,0 +1,51 @@
+"""What a quantization scheme decides for a layer, as one record the rest of the code asks.
+
+`QVGenLinear`, model surgery and the checkpoint writers never branch on a scheme's name: they
+look its `Scheme` up (`qvgen.schemes.get_scheme`) and call it. A new scheme is one module in this
+package that builds a `Scheme` and is listed in `qvgen/schemes/__init__.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..config import QVGenConfig
+
+# file formats a scheme exports to: QVGen's packed checkpoint (docs/format.md) or ComfyUI's native single file
+FILE_FORMATS = ("qvgen", "comfy")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """The arithmetic of one quantization scheme, for training, packing and export.
+
+    - `check(config)`: why the config cannot use the scheme (None when it can);
+    - `unsupported(in_features)`: why a linear layer cannot be quantized (it then stays in full precision);
+    - `quantizers(out_features, in_features, config)`: the weight and activation fake quantizers;
+    - `rotate`: a fixed input rotation folded into the stored weight (None when the scheme has none);
+    - `export(layer)`: a trained `QVGenLinear`'s tensors in the scheme's file format;
+    - `shell(linear, config, rank, dtype, device)`: an empty inference layer shaped like `linear`;
+    - `pack(layer, config, dtype, name)`: the inference layer of a trained `QVGenLinear`;
+    - `inference_types`: the classes `shell`/`pack` build.
+    """
+
+    name: str
+    file_format: str
+    check: Callable[[QVGenConfig], str | None]
+    unsupported: Callable[[int], str | None]
+    quantizers: Callable[[int, int, QVGenConfig], tuple[nn.Module, nn.Module | None]]
+    rotate: Callable[[Tensor], Tensor] | None
+    export: Callable[[Any], dict[str, Tensor]]
+    shell: Callable[[nn.Module, QVGenConfig, int, torch.dtype, torch.device | str], nn.Module]
+    pack: Callable[[Any, QVGenConfig, torch.dtype, str], nn.Module]
+    inference_types: tuple[type[nn.Module], ...]
+
+    def __post_init__(self) -> None:
+        if self.file_format not in FILE_FORMATS:
+            raise ValueError(f"scheme {self.name!r}: file_format {self.file_format!r} is not one of {FILE_FORMATS}")
