@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qvgen.convrot import rotate
 from qvgen.schemes import w4a8
+from qvgen.schemes.convrot import rotate
 
 ck = pytest.importorskip("comfy_kitchen")
 ew = pytest.importorskip("comfy_kitchen.backends.eager.w4a8_int8")

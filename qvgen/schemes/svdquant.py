@@ -25,12 +25,17 @@ branch does, instead of on `x̂` as in the paper's Φ.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from ..convrot import pack_int4, unpack_int4
 from ..quantizers import round_ste
+from .base import Scheme
+from .convrot import pack_int4, unpack_int4
+
+if TYPE_CHECKING:
+    from ..config import QVGenConfig
 
 GROUP = 64  # the layout's quantization group along K (int4 MMA m16n8k64)
 INT4_MAX = 7
@@ -40,6 +45,8 @@ COMFY_FORMAT = "svdquant_w4a4"
 __all__ = [
     "COMFY_FORMAT",
     "GROUP",
+    "SCHEME",
+    "SVDQuantLinear",
     "GroupActQuantizer",
     "GroupWeightQuantizer",
     "cast_ste",
@@ -250,3 +257,115 @@ class SVDQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, W4A4 g{GROUP}, rank={self.rank}, svdquant_w4a4"
+
+
+# ---- the scheme ----------------------------------------------------------------------------------
+def check(config: QVGenConfig) -> str | None:
+    """SVDQuant fixes W4, per-group A4 and smoothing (its `smooth_factor`); no rotation in the format."""
+    if config.weight_bits != 4:
+        return f"weight_bits: scheme 'svdquant_w4a4' stores int4 weights, got {config.weight_bits!r}"
+    if config.act_bits != 4:
+        return f"act_bits: scheme 'svdquant_w4a4' quantizes activations to int4 (4), got {config.act_bits!r}"
+    if config.input_transform != "smooth":
+        return (
+            "input_transform: scheme 'svdquant_w4a4' stores a smoothing factor and no rotation; "
+            f"expected 'smooth', got {config.input_transform!r}"
+        )
+    return None
+
+
+def unsupported(in_features: int) -> str | None:
+    return None if supports(in_features) else f"SVDQuant needs in_features divisible by {GROUP}, got {in_features}"
+
+
+def quantizers(out_features: int, in_features: int, config: QVGenConfig) -> tuple[nn.Module, nn.Module]:
+    return GroupWeightQuantizer(out_features, in_features), GroupActQuantizer()
+
+
+@torch.no_grad()
+def export(layer: Any) -> dict[str, Tensor]:
+    """ComfyUI's `svdquant_w4a4` tensors of a trained `QVGenLinear` (float32 but for the codes).
+
+    Φ (in the smoothed space, input `x / s`) becomes the branch on the raw input:
+    `proj_down = Rφᵀ / s`, `proj_up = L · mask`; at rank 0 both have 0 columns.
+    """
+    s = layer.smooth_scale()
+    if s is None:
+        raise ValueError("an svdquant_w4a4 layer needs its smoothing factor (input_transform 'smooth')")
+    s = s.detach().float()
+    qweight, wscales = layer.weight_quantizer.export(layer.effective_weight())
+    r = layer.rank
+    k, n = layer.in_features, layer.out_features
+    down = (layer.phi_down[:r].float() / s).t() if r else torch.zeros(k, 0)
+    up = layer.phi_up[:, :r].float() * layer.phi_mask[:r] if r else torch.zeros(n, 0)
+    out = {
+        "weight": qweight,
+        "weight_scale": wscales.float(),
+        "weight_proj_down": down.contiguous(),
+        "weight_proj_up": up.contiguous(),
+        "weight_smooth_factor": s.clone(),
+    }
+    if layer.bias is not None:
+        out["bias"] = layer.bias.detach().float().clone()
+    return out
+
+
+def shell(
+    linear: nn.Module, config: QVGenConfig, rank: int, dtype: torch.dtype, device: torch.device | str
+) -> SVDQuantLinear:
+    return SVDQuantLinear(linear.in_features, linear.out_features, linear.bias is not None, rank, dtype, device)
+
+
+def pack(layer: Any, config: QVGenConfig, dtype: torch.dtype, name: str) -> SVDQuantLinear:
+    out = shell(layer, config, layer.rank, dtype, layer.weight.device)
+    out.load_state_dict({k: v.to(getattr(out, k).dtype) for k, v in export(layer).items()})
+    return out
+
+
+def layer_conf(layer: nn.Module, config: QVGenConfig) -> dict:
+    return {"format": COMFY_FORMAT}
+
+
+def from_comfy(name: str, conf: dict, tensors: dict[str, Tensor], linear: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """An `SVDQuantLinear` holding a ComfyUI file's layer, after checking every tensor's shape."""
+    if conf.get("act_unsigned"):
+        raise ValueError(f"layer '{name}': act_unsigned (nunchaku's post-GELU layers) is not supported")
+    k, n = linear.in_features, linear.out_features
+    down = tensors.get("weight_proj_down")
+    r = down.shape[-1] if down is not None and down.dim() == 2 else -1
+    want = {
+        "weight": (n, k // 2),
+        "weight_scale": (k // GROUP, n),
+        "weight_proj_down": (k, r),
+        "weight_proj_up": (n, r),
+        "weight_smooth_factor": (k,),
+    }
+    if linear.bias is not None:
+        want["bias"] = (n,)
+    for key, shape in want.items():
+        t = tensors.get(key)
+        if t is None or tuple(t.shape) != shape or r < 0:
+            got = "nothing (missing)" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
+            raise ValueError(f"tensor '{name}.{key}': expected shape {shape} for a {k}→{n} layer, got {got}")
+    if tensors["weight"].dtype not in (torch.int8, torch.uint8):
+        raise ValueError(f"tensor '{name}.weight': expected int8 (packed int4), got {tensors['weight'].dtype}")
+    return SVDQuantLinear(k, n, linear.bias is not None, r, dtype)
+
+
+SCHEME = Scheme(
+    name=COMFY_FORMAT,
+    file_format="comfy",
+    check=check,
+    unsupported=unsupported,
+    quantizers=quantizers,
+    rotate=None,
+    export=export,
+    shell=shell,
+    pack=pack,
+    inference_types=(SVDQuantLinear,),
+    phi_sees_input=True,
+    comfy_format=COMFY_FORMAT,
+    layer_conf=layer_conf,
+    from_comfy=from_comfy,
+    export_cast=("bias", "weight_scale", "weight_proj_down", "weight_proj_up", "weight_smooth_factor"),
+)

@@ -26,13 +26,18 @@ over the group scale, then the grid assignment).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from ..convrot import CONVROT_GROUP, rotate
 from ..quantizers import round_ste
+from .base import Scheme
+from .convrot import CONVROT_GROUP, rotate
 from .svdquant import cast_ste, scale_grad
+
+if TYPE_CHECKING:
+    from ..config import QVGenConfig
 
 GROUP = 16  # the layout's default group size along K (what its CUDA decode kernels take)
 INT8_MAX = 127
@@ -188,7 +193,7 @@ def w4a8_linear(
     The integer products are summed exactly (`torch._int_mm` or float64) and scaled in float32,
     as comfy-kitchen's int8 GEMM does; the result is cast to `x`'s dtype.
     """
-    from ..convrot import _int_matmul
+    from .convrot import _int_matmul
 
     shape = x.shape
     k = shape[-1]
@@ -314,3 +319,114 @@ class W4A8Linear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, W4A8 g{self.group}, "
             f"convrot {self.convrot_group}, asym_w4a8_int8"
         )
+
+
+# ---- the scheme ----------------------------------------------------------------------------------
+SCHEME_NAME = "w4a8_int8"
+
+
+def rotate_input(x: Tensor) -> Tensor:
+    """The layer's ConvRot rotation (group chosen from K), for inputs and weight rows alike."""
+    return rotate(x, rotation_group(x.shape[-1]))
+
+
+def check(config: QVGenConfig) -> str | None:
+    """W4A8 fixes 4-bit codebook weights, int8 tokens and its own rotation; the format has no low-rank branch."""
+    if config.weight_bits != 4:
+        return f"weight_bits: scheme 'w4a8_int8' stores 4-bit codes, got {config.weight_bits!r}"
+    if config.act_bits != 8:
+        return f"act_bits: scheme 'w4a8_int8' quantizes tokens to int8 (8), got {config.act_bits!r}"
+    if config.input_transform != "none":
+        return (
+            "input_transform: scheme 'w4a8_int8' applies its own Hadamard rotation; "
+            f"expected 'none', got {config.input_transform!r}"
+        )
+    if config.final_rank:
+        return f"final_rank: scheme 'w4a8_int8' has no low-rank branch, Φ must decay to 0; got {config.final_rank!r}"
+    return None
+
+
+def unsupported(in_features: int) -> str | None:
+    return None if supports(in_features) else f"W4A8 needs in_features divisible by 16, got {in_features}"
+
+
+def quantizers(out_features: int, in_features: int, config: QVGenConfig) -> tuple[nn.Module, nn.Module]:
+    return GroupedCodebookQuantizer(out_features, in_features), Int8TokenQuantizer()
+
+
+@torch.no_grad()
+def export(layer: Any) -> dict[str, Tensor]:
+    """ComfyUI's `asym_w4a8_int8` tensors of a trained `QVGenLinear` (Φ must have decayed to rank 0)."""
+    if layer.rank > 0:
+        raise ValueError(
+            f"layer has Φ rank {layer.rank}; ComfyUI's asym_w4a8_int8 format has no low-rank branch "
+            "(train until the rank decay reaches 0)"
+        )
+    out = layer.weight_quantizer.export(layer.weight)
+    if layer.bias is not None:
+        out["bias"] = layer.bias.detach().float().clone()
+    return out
+
+
+def shell(
+    linear: nn.Module, config: QVGenConfig, rank: int, dtype: torch.dtype, device: torch.device | str
+) -> W4A8Linear:
+    if rank:
+        raise ValueError("W4A8 layers have no Φ: the rank must have decayed to 0")
+    return W4A8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, device)
+
+
+def pack(layer: Any, config: QVGenConfig, dtype: torch.dtype, name: str) -> W4A8Linear:
+    out = shell(layer, config, 0, dtype, layer.weight.device)
+    out.load_state_dict({k: v.to(getattr(out, k).dtype) for k, v in export(layer).items()})
+    return out
+
+
+def layer_conf(layer: nn.Module, config: QVGenConfig) -> dict:
+    k = layer.in_features
+    return {"format": COMFY_FORMAT, "group_size": GROUP, "convrot": True, "convrot_groupsize": rotation_group(k)}
+
+
+def from_comfy(name: str, conf: dict, tensors: dict[str, Tensor], linear: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A `W4A8Linear` holding a ComfyUI file's layer, after checking its entry and every tensor."""
+    k, n = linear.in_features, linear.out_features
+    group = int(conf.get("group_size", GROUP))
+    rg = int(conf.get("convrot_groupsize", CONVROT_GROUP))
+    if group != GROUP or rg not in ROTATION_GROUPS or k % rg or not conf.get("convrot", True):
+        raise ValueError(
+            f"layer '{name}': group_size {group}, convrot_groupsize {rg}, convrot {conf.get('convrot')}; "
+            f"this loader reads group_size {GROUP}, a ConvRot group in {ROTATION_GROUPS} dividing K={k}"
+        )
+    if "weight_correction" in tensors:
+        raise ValueError(f"tensor '{name}.weight_correction': the asymmetric variant (runs as W4A16) is not supported")
+    want = {
+        "weight": ((n, k // 2), (torch.int8, torch.uint8)),
+        "weight_s_rel": ((n, k // group), (SCALE_DTYPE, torch.float32)),
+        "weight_s_channel": ((n,), (torch.float32,)),
+        "weight_codebook": ((16,), (torch.float32,)),
+    }
+    if linear.bias is not None:
+        want["bias"] = ((n,), (torch.float32, torch.bfloat16, torch.float16))
+    for key, (shape, dtypes) in want.items():
+        t = tensors.get(key)
+        if t is None or tuple(t.shape) != shape or t.dtype not in dtypes:
+            got = "nothing (missing)" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
+            raise ValueError(f"tensor '{name}.{key}': expected {dtypes[0]} of shape {shape}, got {got}")
+    return W4A8Linear(k, n, linear.bias is not None, dtype, group=group, convrot_group=rg)
+
+
+SCHEME = Scheme(
+    name=SCHEME_NAME,
+    file_format="comfy",
+    check=check,
+    unsupported=unsupported,
+    quantizers=quantizers,
+    rotate=rotate_input,
+    export=export,
+    shell=shell,
+    pack=pack,
+    inference_types=(W4A8Linear,),
+    comfy_format=COMFY_FORMAT,
+    layer_conf=layer_conf,
+    from_comfy=from_comfy,
+)

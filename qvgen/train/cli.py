@@ -21,6 +21,7 @@ from ..api import save_quantized
 from ..config import SCHEMES, QVGenConfig
 from ..decay import RankDecaySchedule
 from ..quantizers import ZERO_POINT_GRADS
+from ..schemes import get_scheme
 from ..transforms import TRANSFORMS
 from .data import DataError
 from .distributed import PARALLEL_MODES, TEACHER_PLACEMENTS, init_distributed
@@ -57,14 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="qvgen",
         help="qvgen: the paper's W/A quantizers, packed QVGen checkpoint; convrot_w4a4: ComfyUI's native ConvRot "
         "arithmetic (Hadamard-256 rotation, symmetric int4 per row and per token), exported as one ComfyUI "
-        ".safetensors file that the stock loader runs",
+        ".safetensors file that the stock loader runs; svdquant_w4a4: comfy-kitchen's SVDQuant W4A4 (int4 groups "
+        "of 64, smoothing, Φ kept at --final-rank as its low-rank branch); w4a8_int8: comfy-kitchen's grouped "
+        "codebook W4A8 (ComfyUI format asym_w4a8_int8, int8 tokens); both ComfyUI single files (docs/comfyui.md)",
     )
     q.add_argument(
         "--input-transform",
         choices=TRANSFORMS,
         default=None,
         help="per-layer input transform against activation error (default: smooth for --scheme qvgen, the best "
-        "measured on the demo; none for convrot_w4a4, which rotates by itself)",
+        "measured on the demo, and svdquant_w4a4, whose format has it; none for convrot_w4a4 and w4a8_int8, "
+        "which rotate by themselves)",
     )
     q.add_argument("--smooth-alpha", type=float, default=QVGenConfig.smooth_alpha, help="SmoothQuant strength")
     q.add_argument(
@@ -82,9 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--weight-bits", type=int, default=4)
     q.add_argument(
-        "--act-bits", type=int, default=4, help="0 for weight-only quantization (convrot_w4a4: 4, or 8 for int8 tokens)"
+        "--act-bits",
+        type=int,
+        default=None,
+        help="0 for weight-only quantization (default 4; w4a8_int8: 8; convrot_w4a4: 4, or 8 for int8 tokens)",
     )
     q.add_argument("--rank", type=int, default=32, help="initial rank of the auxiliary module Φ (0: plain QAT)")
+    q.add_argument(
+        "--final-rank",
+        type=int,
+        default=0,
+        help="rank Φ decays to and keeps (svdquant_w4a4: shipped as its proj_down/proj_up branch; 0 elsewhere)",
+    )
     q.add_argument("--decay-factor", type=float, default=0.5, help="rank multiplier at each phase boundary")
     q.add_argument("--phase-steps", type=int, default=None, help="steps per decay phase (default: Φ ends at rank 0)")
     q.add_argument("--buckets", type=int, default=50, help="timestep buckets for activation clipping")
@@ -151,13 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quant_config(args: argparse.Namespace) -> QVGenConfig:
-    n_phases = len(RankDecaySchedule(args.rank, 1, args.decay_factor).phase_ranks) or 1
+    n_phases = len(RankDecaySchedule(args.rank, 1, args.decay_factor, args.final_rank).phase_ranks) or 1
     phase = args.phase_steps or max(1, math.floor(args.steps / n_phases))
-    transform = args.input_transform or ("smooth" if args.scheme == "qvgen" else "none")
+    transform = args.input_transform or ("smooth" if args.scheme in ("qvgen", "svdquant_w4a4") else "none")
+    act_bits = args.act_bits if args.act_bits is not None else (8 if args.scheme == "w4a8_int8" else 4)
     return QVGenConfig(
         weight_bits=args.weight_bits,
-        act_bits=args.act_bits or None,
+        act_bits=act_bits or None,
         rank=args.rank,
+        final_rank=args.final_rank,
         decay_factor=args.decay_factor,
         phase_steps=phase,
         n_buckets=args.buckets,
@@ -172,9 +187,9 @@ def quant_config(args: argparse.Namespace) -> QVGenConfig:
 
 
 def export_path(args: argparse.Namespace) -> Path:
-    """Where the export goes: the `transformer` folder, or ComfyUI's single file for ConvRot."""
-    if args.scheme == "convrot_w4a4":
-        return args.output / "comfyui" / "diffusion_model_convrot_w4a4.safetensors"
+    """Where the export goes: the `transformer` folder, or ComfyUI's single file for its native schemes."""
+    if get_scheme(args.scheme).file_format == "comfy":
+        return args.output / "comfyui" / f"diffusion_model_{args.scheme}.safetensors"
     return args.output / "transformer"
 
 
@@ -238,12 +253,13 @@ def run(args: argparse.Namespace) -> Path:
     if not result.is_main_process:
         return export_path(args)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.export_dtype]
-    if qconfig.scheme == "convrot_w4a4":
+    if get_scheme(qconfig.scheme).file_format == "comfy":
         from ..adapters.comfy.native import export_comfy
 
         report = export_comfy(result.student, qconfig, export_path(args), dtype=dtype)
         logging.getLogger("qvgen.train").info("%s", report)
-        print(f"ComfyUI ConvRot W4A4 checkpoint written to {report.path} (load it with 'Load Diffusion Model')")
+        print(f"ComfyUI {qconfig.scheme} checkpoint written to {report.path} (load it with 'Load Diffusion Model')")
+        print(report)
         return report.path
     export = save_quantized(result.student, qconfig, export_path(args), dtype=dtype)
     logging.getLogger("qvgen.train").info("exported %s", export)
