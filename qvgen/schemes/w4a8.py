@@ -265,6 +265,8 @@ class Int8TokenQuantizer(nn.Module):
 class W4A8Linear(nn.Module):
     """Inference form of a ComfyUI `asym_w4a8_int8` layer, with ComfyUI's tensor names (PyTorch, exact int GEMM)."""
 
+    keep_dtype = ("weight_s_channel", "weight_s_rel", "weight_codebook")  # the format's dtypes, not the compute one
+
     def __init__(
         self,
         in_features: int,

@@ -2,7 +2,9 @@
 
 A model trained with `scheme="convrot_w4a4"` is written as one `.safetensors` file that current
 ComfyUI loads with its stock "Load Diffusion Model" node and runs with comfy-kitchen's kernels
-(no custom node):
+(no custom node). The other schemes with `file_format` "comfy" (`svdquant_w4a4`, `w4a8_int8`)
+are written the same way with their own per-layer tensors and `comfy_quant` entries, which their
+scheme modules describe (`Scheme.layer_conf` / `from_comfy`, docs/comfyui.md). For ConvRot:
 
 - tensors under ComfyUI's Wan names (`blocks.0.self_attn.q.weight`, see `qvgen.adapters.comfy.names`);
 - per quantized layer: `weight` int8 `(out, K/2)` (packed signed int4), `weight_scale` float32
@@ -33,7 +35,7 @@ from ...atomic import atomic_file
 from ...checkpoint import CheckpointError, jsonable, read_safetensors, unquantized_tensors
 from ...config import FORMAT_VERSION, ConfigError, QVGenConfig
 from ...layers import QVGenLinear
-from ...schemes import convrot, get_scheme
+from ...schemes import SCHEMES, Scheme, convrot, get_scheme
 from ...schemes.convrot import ConvRotLinear
 from ...surgery import unsupported_reason
 from ..diffusers_models import empty_model
@@ -57,15 +59,45 @@ class ComfyExportReport:
     quantized: list[str] = field(default_factory=list)
     full_precision: dict[str, str] = field(default_factory=dict)  # ComfyUI name → reason
     bytes: int = 0
+    format: str = convrot.COMFY_FORMAT
+    notes: list[str] = field(default_factory=list)  # what a user of the file should know (runtime caveats)
 
     def __str__(self) -> str:
         text = (
-            f"{self.path}: {len(self.quantized)} convrot_w4a4 layers, "
+            f"{self.path}: {len(self.quantized)} {self.format} layers, "
             f"{len(self.full_precision)} linear layers kept in full precision, {self.bytes / 2**20:.1f} MiB"
         )
         for name, why in sorted(self.full_precision.items()):
             text += f"\n  full precision: {name} ({why})"
+        for note in self.notes:
+            text += f"\n  note: {note}"
         return text
+
+
+def comfy_schemes() -> dict[str, Scheme]:
+    """ComfyUI format name (a layer's `"format"`) → the scheme that writes and reads it."""
+    return {s.comfy_format or s.name: s for s in SCHEMES.values() if s.file_format == "comfy"}
+
+
+def _inference_types() -> tuple[type[nn.Module], ...]:
+    return tuple(t for s in comfy_schemes().values() for t in s.inference_types)
+
+
+def _layer_conf(scheme: Scheme, module: nn.Module, config: QVGenConfig) -> dict:
+    if scheme.layer_conf is not None:
+        return scheme.layer_conf(module, config)
+    return convrot.comfy_layer_conf(config.act_bits)
+
+
+def runtime_notes(config: QVGenConfig) -> list[str]:
+    """Caveats of running the file in ComfyUI, printed with the export report (docs/comfyui.md)."""
+    if config.scheme == "convrot_w4a4" and config.act_bits == 8:
+        return [
+            "linear_dtype 'int8' is honoured by comfy-kitchen's CUDA backend only (torch built for CUDA >= 13); "
+            "its eager backend (CPU, and GPUs where ComfyUI disables the CUDA backend) ignores it and quantizes "
+            "tokens to int4, further from the trained model. --scheme w4a8_int8 runs int8 tokens on every backend."
+        ]
+    return []
 
 
 # ---- export --------------------------------------------------------------------------------------
@@ -84,8 +116,9 @@ def comfy_native_state_dict(
 ) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str]]:
     """ComfyUI-named tensors, per-layer `comfy_quant` entries, and the linear layers left in full precision."""
 
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (QVGenLinear, ConvRotLinear))}
-    conf = convrot.comfy_layer_conf(config.act_bits)
+    scheme = get_scheme(config.scheme)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (QVGenLinear, *_inference_types()))}
+    confs = {n: _layer_conf(scheme, m, config) for n, m in layers.items()}
     out: dict[str, Tensor] = {}
     for name, module in layers.items():
         try:
@@ -94,7 +127,7 @@ def comfy_native_state_dict(
             raise ComfyNativeError(f"layer '{name}': {e}") from None
         for key, t in tensors.items():
             t = t.detach().to("cpu")
-            if key == "bias" and dtype is not None:
+            if key in scheme.export_cast and dtype is not None:
                 t = t.to(dtype)
             out[f"{name}.{key}"] = t.contiguous().clone()
     out.update(unquantized_tensors(model, layers, dtype))
@@ -107,7 +140,7 @@ def comfy_native_state_dict(
     except ValueError as e:
         raise ComfyNativeError(f"ComfyUI-native export supports Wan 2.1 transformers: {e}") from None
 
-    quant = {diffusers_to_comfy(n): dict(conf) for n in layers}
+    quant = {diffusers_to_comfy(n): confs[n] for n in layers}
     kept = {diffusers_to_comfy(n): why for n, why in kept.items()}
     for name, c in quant.items():
         out[f"{name}.comfy_quant"] = encode_layer_conf(c)
@@ -132,15 +165,19 @@ def export_comfy(
     model_config: dict[str, Any] | None = None,
     dtype: torch.dtype | None = torch.bfloat16,
 ) -> ComfyExportReport:
-    """Write a `convrot_w4a4` model as one ComfyUI-native `.safetensors` file (atomically).
+    """Write a model of a ComfyUI-native scheme as one `.safetensors` file (atomically).
 
-    `model` is a training-form model (`QVGenLinear` layers with Φ at rank 0) or one loaded with
-    `load_comfy_native`. Linear layers whose K is not a multiple of 256 were never converted and
-    are stored in `dtype`, as ComfyUI expects of a layer without a `comfy_quant` entry.
+    `model` is a training-form model (`QVGenLinear` layers; Φ at rank 0, or for `svdquant_w4a4`
+    at the rank it keeps) or one loaded with `load_comfy_native`. Linear layers the scheme cannot
+    quantize (ConvRot: K not a multiple of 256) were never converted and are stored in `dtype`, as
+    ComfyUI expects of a layer without a `comfy_quant` entry; so are the scheme's `export_cast`
+    tensors (bias; SVDQuant's scales, branch and smoothing), which comfy-kitchen computes with.
     """
+    from ...surgery import current_rank
 
-    if config.scheme != "convrot_w4a4":
-        raise ComfyNativeError(f"export_comfy needs scheme 'convrot_w4a4', the config has {config.scheme!r}")
+    if config.scheme not in SCHEMES or get_scheme(config.scheme).file_format != "comfy":
+        names = sorted(s.name for s in comfy_schemes().values())
+        raise ComfyNativeError(f"export_comfy needs one of the schemes {names}, the config has {config.scheme!r}")
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ComfyNativeError(f"{path}: a ComfyUI diffusion model is one file ending in .safetensors")
@@ -149,7 +186,8 @@ def export_comfy(
         model_config = dict(getattr(model, "config", {}) or {})
         if model_config:
             model_config.setdefault("_class_name", type(model).__name__)
-    qconfig = QVGenConfig.from_dict({**config.to_dict(), "current_rank": 0, "format_version": FORMAT_VERSION})
+    rank = current_rank(model)
+    qconfig = QVGenConfig.from_dict({**config.to_dict(), "current_rank": rank, "format_version": FORMAT_VERSION})
     meta = {
         META_COMFY_QUANT: json.dumps({"format_version": COMFY_QUANT_VERSION, "layers": quant}),
         META_QCONFIG: qconfig.to_json(),
@@ -157,7 +195,8 @@ def export_comfy(
         "format": "pt",
     }
     atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    return ComfyExportReport(path, sorted(quant), kept, path.stat().st_size)
+    fmt = get_scheme(config.scheme).comfy_format or config.scheme
+    return ComfyExportReport(path, sorted(quant), kept, path.stat().st_size, fmt, runtime_notes(config))
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -217,7 +256,14 @@ def _validate_layer(path: Path, state: dict[str, Tensor], name: str, conf: dict)
 
     fmt = conf.get("format")
     if fmt != convrot.COMFY_FORMAT:
-        raise ComfyNativeError(f"{path}: layer '{name}': format {fmt!r}; this loader reads only 'convrot_w4a4'")
+        known = comfy_schemes()
+        if fmt not in known or known[fmt].from_comfy is None:
+            raise ComfyNativeError(f"{path}: layer '{name}': format {fmt!r}; this loader reads {sorted(known)}")
+        w = state.get(f"{name}.weight")
+        if w is None or w.dtype not in (torch.int8, torch.uint8) or w.dim() != 2:
+            got = "nothing (missing)" if w is None else f"{w.dtype} of shape {tuple(w.shape)}"
+            fail("weight", "a 2-D int8 tensor (packed 4-bit codes)", got)
+        return  # the rest is checked against the model's layer by the scheme's `from_comfy` when loading
     group = int(conf.get("convrot_groupsize", convrot.CONVROT_GROUP))
     if group != convrot.CONVROT_GROUP:
         raise ComfyNativeError(f"{path}: layer '{name}': convrot_groupsize {group}; expected {convrot.CONVROT_GROUP}")
@@ -255,7 +301,8 @@ def load_comfy_native(
     device: str | torch.device = "cpu",
     act_bits: int | None = None,
 ) -> nn.Module:
-    """Run a ComfyUI-native ConvRot file in PyTorch: `ConvRotLinear` for its quantized layers.
+    """Run a ComfyUI-native file in PyTorch: each quantized layer becomes its scheme's inference layer
+    (`ConvRotLinear`, `SVDQuantLinear`, `W4A8Linear`), with dequantized (or exact integer) compute.
 
     `model` is an (empty) diffusers Wan transformer to fill; without it the model is built from
     the file's `model_config` (written by `export_comfy`). `act_bits` overrides the token bits
@@ -278,14 +325,23 @@ def load_comfy_native(
                 f"{f.path}: tensor '{comfy_name}.weight': expected a layer {linear.in_features}→"
                 f"{linear.out_features}, got K={k}, out={state[f'{name}.weight'].shape[0]}"
             )
-        layer = ConvRotLinear(k, linear.out_features, linear.bias is not None, act_bits or act_bits_of(conf), dtype)
+        scheme = comfy_schemes()[conf["format"]]
+        if scheme.from_comfy is None:
+            layer = ConvRotLinear(k, linear.out_features, linear.bias is not None, act_bits or act_bits_of(conf), dtype)
+        else:
+            own = {key[len(name) + 1 :]: t for key, t in state.items() if key.rpartition(".")[0] == name}
+            try:
+                layer = scheme.from_comfy(comfy_name, conf, own, linear, dtype)
+            except ValueError as e:
+                raise ComfyNativeError(f"{f.path}: {e}") from None
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     _load_strict(model, state, f.path)
     model.to(device=device)
     for m in model.modules():  # full-precision tensors follow the compute dtype; codes and scales keep theirs
+        keep = ("weight_scale",) if isinstance(m, ConvRotLinear) else getattr(m, "keep_dtype", ())
         for pname, p in list(m.named_parameters(recurse=False)):
-            if p.is_floating_point() and not (isinstance(m, ConvRotLinear) and pname == "weight_scale"):
+            if p.is_floating_point() and pname not in keep:
                 setattr(m, pname, nn.Parameter(p.data.to(dtype), requires_grad=False))
     return model.eval()
 
@@ -318,9 +374,10 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], path: Path) -> None
 
 
 def is_comfy_native(meta: dict[str, str]) -> bool:
-    """Whether safetensors metadata marks a ConvRot file written by `export_comfy`."""
+    """Whether safetensors metadata marks a ComfyUI-native file written by `export_comfy`."""
     raw = meta.get(META_QCONFIG)
     try:
-        return raw is not None and json.loads(raw).get("scheme") == "convrot_w4a4"
+        scheme = json.loads(raw).get("scheme") if raw is not None else None
+        return scheme in SCHEMES and get_scheme(scheme).file_format == "comfy"
     except (json.JSONDecodeError, AttributeError):
         return False
