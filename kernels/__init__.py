@@ -22,13 +22,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import cpu, reference
+from . import convrot, cpu, reference
 from .backend import ENV_VAR, available_backends, resolve_backend
 from .common import ClipArg
 from .packing import pack_weight, packed_width, unpack_weight
 
 __all__ = [
     "ENV_VAR",
+    "convrot",
     "available_backends",
     "pack_weight",
     "packed_width",

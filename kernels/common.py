@@ -149,7 +149,7 @@ def fwht_fp32(v: Tensor, block: int) -> Tensor:
     """Unnormalised Walsh–Hadamard transform over consecutive blocks of the last dim, in v's dtype.
 
     Radix-2 butterflies in the fixed order h = 1, 2, 4, … (pairs k, k + h): the order that
-    defines the rounding every backend reproduces (qvgen.transforms.fwht does the same).
+    defines the rounding every backend reproduces; the training path (qvgen.transforms.fwht) calls it too.
     """
     shape = v.shape
     y = v.reshape(-1, shape[-1] // block, block)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .common import ClipArg, check_linear_args, row_factors
 from .packing import unpack_weight
-from .triton_linear import _INTERPRET, _cfg, _launch_quant, _output_tile, _rows
+from .triton_linear import INTERPRET, cfg_for, launch_quant, output_tile, rows_of
 
 PROMOTE_K = 128  # K products per fp8 partial sum: 128 · 15 · 8 = 15360 < 2^14
 W_CENTER = 8  # weight codes are stored as q_w − 8
@@ -62,7 +62,7 @@ def _fp8_gemm_kernel(
     BLOCK_K: tl.constexpr,  # ≤ PROMOTE_K: one fresh fp8 partial sum per K step
     GROUP_M: tl.constexpr,
 ):
-    rows, cols, rows_c, cols_c = _output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows, cols, rows_c, cols_c = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     a_row = rows_c.to(tl.int64)[:, None] * stride_am
     w_col = cols_c.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -92,10 +92,10 @@ def _fp8_gemm_kernel(
 # sm_90: 64-row warpgroup tiles; BLOCK_K is the promotion interval (≤ PROMOTE_K). The partial sum
 # doubles the accumulator registers: 64×256 per warpgroup, or 128×128 on 4 warps, spill (Triton 3.9).
 FP8_CONFIGS = [
-    _cfg(128, 128, 128, 8, 4),
-    _cfg(128, 128, 128, 8, 5),
-    _cfg(64, 128, 128, 4, 4),
-    _cfg(64, 64, 128, 4, 4),
+    cfg_for(128, 128, 128, 8, 4),
+    cfg_for(128, 128, 128, 8, 5),
+    cfg_for(64, 128, 128, 4, 4),
+    cfg_for(64, 64, 128, 4, 4),
 ]
 INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}
 
@@ -143,17 +143,17 @@ def fp8_linear(
     check_linear_args(x, codes, w_scale, w_zero, w_qsum, bias, in_features, 4, a_bits, None, None)
     out_dtype = out_dtype or x.dtype
     lead = x.shape[:-1]
-    x2d = _rows(x)
+    x2d = rows_of(x)
     m = x2d.shape[0]
     lo, hi = row_factors(clip_lo, lead, x.device), row_factors(clip_hi, lead, x.device)
-    a, s_x, z_x, qs_x, _, _ = _launch_quant(x2d, lo, hi, a_bits, 3)
+    a, s_x, z_x, qs_x, _, _ = launch_quant(x2d, lo, hi, a_bits, 3)
     y = torch.empty(m, n, dtype=torch.int32 if int_out else out_dtype, device=x.device)
     s_w = w_scale.reshape(n).float().contiguous()
     bias_t = bias.reshape(n).contiguous() if bias is not None else s_w
     args = (a, s_x, z_x, qs_x, w_fp8, s_w, w_zero.reshape(n).float().contiguous(), bias_t, y)
     args += (m, n, k, a.stride(0), w_fp8.stride(0), y.stride(0), min(triton.next_power_of_2(max(m, 1)), 8192))
     meta = {"HAS_BIAS": bias is not None, "OUT_INT": int_out}
-    if config is None and _INTERPRET:
+    if config is None and INTERPRET:
         config = INTERPRET_CONFIG
     if config is not None:
         cfg = dict(config)

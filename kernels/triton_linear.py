@@ -55,7 +55,7 @@ from .common import (
     row_factors,
 )
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 FUSE_MAX_M = 64  # at most this many tokens: quantize inside the GEMM (one launch)
 PHI_MAX_RANK = 64  # Φ ranks up to this run inside the kernels; larger ones in PyTorch
@@ -281,7 +281,7 @@ def _quantize_t(x, s, z, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's token rows and output columns, in grouped order (L2 reuse of the weight
     tiles), plus copies clamped in bounds: loads need no masks, stores are masked."""
     pid = tl.program_id(0)
@@ -353,7 +353,7 @@ def _linear_kernel(
     C_X8: tl.constexpr = A_BITS == 8
     BKH: tl.constexpr = BLOCK_K // 2
 
-    rows, cols, rows_c, cols_c = _output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows, cols, rows_c, cols_c = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     a_row = rows_c.to(tl.int64) * stride_am
     w_col = cols_c.to(tl.int64) * stride_wn
 
@@ -511,7 +511,7 @@ def _int_gemm_kernel(
     C_X8: tl.constexpr = A_BITS == 8
     BKH: tl.constexpr = BLOCK_K // 2
 
-    rows, cols, rows_c, cols_c = _output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows, cols, rows_c, cols_c = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     a_row = rows_c.to(tl.int64)[:, None] * stride_am
     w_col = cols_c.to(tl.int64)[None, :] * stride_wn
 
@@ -565,7 +565,7 @@ def _int_gemm_kernel(
 # ----------------------------------------------------------------------------------------------
 # Autotune configurations
 # ----------------------------------------------------------------------------------------------
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+def cfg_for(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config(
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages
     )
@@ -575,42 +575,42 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
 # steps, 228 KB of shared memory; the first two were the fastest measured on an H100 at 32k tokens
 # (Wan-1.3B/14B shapes), the thin ones serve few tokens.
 HOPPER_CONFIGS = [
-    _cfg(256, 128, 128, 8, 3),
-    _cfg(128, 128, 128, 4, 4),
-    _cfg(128, 256, 256, 8, 3),
-    _cfg(128, 128, 128, 8, 4),
-    _cfg(64, 128, 128, 4, 4),
-    _cfg(128, 64, 256, 4, 3),
-    _cfg(32, 64, 256, 4, 3),
-    _cfg(16, 128, 256, 8, 3),  # 4 warps spilled with widened weights (Triton 3.6)
+    cfg_for(256, 128, 128, 8, 3),
+    cfg_for(128, 128, 128, 4, 4),
+    cfg_for(128, 256, 256, 8, 3),
+    cfg_for(128, 128, 128, 8, 4),
+    cfg_for(64, 128, 128, 4, 4),
+    cfg_for(128, 64, 256, 4, 3),
+    cfg_for(32, 64, 256, 4, 3),
+    cfg_for(16, 128, 256, 8, 3),  # 4 warps spilled with widened weights (Triton 3.6)
 ]
 # Ampere / Ada (sm_80, sm_86, sm_89): mma.sync m16n8k32 int8; 100–164 KB of shared memory. A 128×128
 # int32 accumulator takes 128 registers per thread with 4 warps and spilled (Triton 3.9, sm_80), so
 # big tiles use 8 warps; 128×256 and 256×128 spilled even then (tests/test_kernels_triton.py checks).
 AMPERE_CONFIGS = [
-    _cfg(128, 128, 128, 8, 3),
-    _cfg(128, 128, 64, 8, 4),
-    _cfg(64, 256, 128, 8, 3),
-    _cfg(64, 128, 128, 4, 4),
-    _cfg(128, 64, 128, 4, 4),
-    _cfg(64, 64, 128, 4, 4),
-    _cfg(32, 64, 256, 4, 3),
-    _cfg(16, 128, 256, 4, 3),
+    cfg_for(128, 128, 128, 8, 3),
+    cfg_for(128, 128, 64, 8, 4),
+    cfg_for(64, 256, 128, 8, 3),
+    cfg_for(64, 128, 128, 4, 4),
+    cfg_for(128, 64, 128, 4, 4),
+    cfg_for(64, 64, 128, 4, 4),
+    cfg_for(32, 64, 256, 4, 3),
+    cfg_for(16, 128, 256, 4, 3),
 ]
 # Fused quantize-in-GEMM (≤ FUSE_MAX_M tokens): thin M tiles; the float x tile sits in shared memory.
 FUSED_CONFIGS = [
-    _cfg(16, 128, 128, 4, 3),
-    _cfg(16, 64, 256, 4, 3),
-    _cfg(32, 128, 128, 4, 3),
-    _cfg(64, 64, 128, 4, 3),
+    cfg_for(16, 128, 128, 4, 3),
+    cfg_for(16, 64, 256, 4, 3),
+    cfg_for(32, 128, 128, 4, 3),
+    cfg_for(64, 64, 128, 4, 3),
 ]
 # Weight-only (float MMA on 16-bit inputs; fp32 inputs use the tf32x3 split): shallower K steps.
 FLOAT_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 64, 64, 4, 3),
-    _cfg(64, 128, 64, 4, 3),
-    _cfg(64, 64, 64, 4, 3),
-    _cfg(16, 128, 64, 4, 3),
+    cfg_for(128, 128, 64, 8, 3),
+    cfg_for(128, 64, 64, 4, 3),
+    cfg_for(64, 128, 64, 4, 3),
+    cfg_for(64, 64, 64, 4, 3),
+    cfg_for(16, 128, 64, 4, 3),
 ]
 # fixed tiles for the CPU interpreter (cost ∝ programs × K steps) and for explicit calls
 INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}
@@ -684,7 +684,7 @@ def one_sweep_block(k: int, rot: int = 0, layout: int = 1) -> tuple[int, int] | 
     return min(16, elems // bk), bk
 
 
-def _launch_quant(
+def launch_quant(
     x2d: Tensor,
     lo: Tensor,
     hi: Tensor,
@@ -773,7 +773,7 @@ def _launch_quant(
     return q, scale, zero, qsum, t, half
 
 
-def _rows(x: Tensor) -> Tensor:
+def rows_of(x: Tensor) -> Tensor:
     x2d = x.reshape(-1, x.shape[-1])
     return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
 
@@ -795,11 +795,11 @@ def quantize_activation(
     lead, k = x.shape[:-1], x.shape[-1]
     if k == 0:
         raise ValueError("cannot quantize rows of length 0")
-    x2d = _rows(x)
+    x2d = rows_of(x)
     lo = row_factors(clip_lo, lead, x.device)
     hi = row_factors(clip_hi, lead, x.device)
     tf = check_transform(k, input_signs, rot_block, smooth, x.device)
-    q, s, z, qsum, _, _ = _launch_quant(x2d, lo, hi, bits, layout=0, block=block, transform=tf, one_sweep=one_sweep)
+    q, s, z, qsum, _, _ = launch_quant(x2d, lo, hi, bits, layout=0, block=block, transform=tf, one_sweep=one_sweep)
     stat = (*lead, 1)
     return q.reshape(x.shape), s.reshape(stat), z.reshape(stat), qsum.reshape(stat)
 
@@ -882,7 +882,7 @@ def layer_stages(
     lead, k, n = x.shape[:-1], in_features, qweight.shape[0]
     tf = check_transform(k, input_signs, rot_block, smooth, x.device)
     transformed = has_transform(*tf)
-    x2d = _rows(x)
+    x2d = rows_of(x)
     if transformed and a_bits is None:  # weight-only: x̂ = x', computed once in PyTorch
         x2d = apply_transform(x2d, *tf).to(x2d.dtype)
         transformed = False
@@ -926,7 +926,7 @@ def layer_stages(
     def quant() -> tuple | None:
         if a_src != 1:
             return None
-        return _launch_quant(x2d, lo_r, hi_r, a_bits, layout, phi_k, quant_block_size, tf)
+        return launch_quant(x2d, lo_r, hi_r, a_bits, layout, phi_k, quant_block_size, tf)
 
     phi_r = _phi_pad(phi_down.shape[0]) if phi_in_kernel else 0
     pu = phi_up.contiguous() if phi_r else None
@@ -942,7 +942,7 @@ def layer_stages(
     )
     # exact quantization needs FMA contraction off where the GEMM quantizes (fused variant)
     opts = {"enable_fp_fusion": a_src != 2}
-    if config is None and _INTERPRET:
+    if config is None and INTERPRET:
         config = INTERPRET_CONFIG
 
     def gemm(staged: tuple | None) -> Tensor:

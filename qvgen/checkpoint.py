@@ -176,14 +176,22 @@ def read_safetensors_metadata(file: Path) -> dict[str, str]:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def _folder_files(folder: Path) -> list[Path]:
+def indexed_shards(folder: Path) -> list[Path] | None:
+    """The shard files a folder's diffusers safetensors index lists (None when it has no index)."""
     index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        return [folder / f for f in sorted(set(weight_map.values()))]
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    return [folder / f for f in sorted(set(weight_map.values()))]
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    shards = indexed_shards(folder)
+    if shards is not None:
+        return shards
     single = folder / WEIGHTS_NAME
     if single.is_file():
         return [single]

@@ -39,16 +39,10 @@ def hadamard_block(n: int, max_block: int) -> int:
 
 
 def fwht(x: Tensor, block: int) -> Tensor:
-    """Normalised Walsh–Hadamard transform over consecutive blocks of the last dim (O(n log b))."""
-    shape = x.shape
-    y = x.reshape(-1, shape[-1] // block, block)
-    h = 1
-    while h < block:
-        y = y.view(y.shape[0], y.shape[1], block // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((a + b, a - b), dim=3)
-        h *= 2
-    return exact_div(y.reshape(shape), math.sqrt(block)).to(x.dtype)
+    """Normalised Walsh–Hadamard transform over consecutive blocks of the last dim (O(n log b)):
+    the kernels' butterflies (`qvgen_kernels.common.fwht_fp32`, whose order fixes the rounding)
+    in `x`'s dtype, then their exact division by √block."""
+    return exact_div(qvgen_kernels.common.fwht_fp32(x, block), math.sqrt(block)).to(x.dtype)
 
 
 def random_signs(n: int, name: str, seed: int) -> Tensor:

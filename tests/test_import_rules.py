@@ -159,3 +159,13 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+@pytest.mark.parametrize("folder", ["qvgen", "kernels", "qvgen_nodes"])
+def test_no_private_name_is_imported_across_modules(folder):
+    bad = []
+    for path in _files(folder):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("qvgen")):
+                bad += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert bad == []

@@ -51,11 +51,11 @@ from torch import Tensor
 
 from ..checkpoint import (
     CONFIG_NAME,
-    INDEX_NAME,
     META_MODEL_CONFIG,
     META_QCONFIG,
     Checkpoint,
     CheckpointError,
+    indexed_shards,
     load_checkpoint,
     load_into,
     read_safetensors,
@@ -125,14 +125,8 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> tu
         with reaching(str(source), CheckpointError):
             path = Path(snapshot_download(str(source), revision=revision, allow_patterns=SOURCE_PATTERNS))
     for folder in (path, path / "transformer"):
-        index = folder / INDEX_NAME
-        if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-            files = [folder / n for n in names]
-        else:
+        files = indexed_shards(folder)
+        if files is None:
             files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
         if files:
             cfg = folder / CONFIG_NAME
