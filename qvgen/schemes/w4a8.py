@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..quantizers import round_ste
 from .base import Scheme
-from .convrot import CONVROT_GROUP, rotate
+from .convrot import CONVROT_GROUP, int_matmul, rotate
 from .svdquant import cast_ste, scale_grad
 
 if TYPE_CHECKING:
@@ -193,15 +193,13 @@ def w4a8_linear(
     The integer products are summed exactly (`torch._int_mm` or float64) and scaled in float32,
     as comfy-kitchen's int8 GEMM does; the result is cast to `x`'s dtype.
     """
-    from .convrot import _int_matmul
-
     shape = x.shape
     k = shape[-1]
     if qweight.shape[-1] * 2 != k:
         raise ValueError(f"W4A8: input has {k} features but the packed weight holds {qweight.shape[-1] * 2}")
     qx, sx = quantize_acts(rotate(x.reshape(-1, k), convrot_group))
     wq = int8_weight(qweight, s_rel, table, group).to(torch.int8)
-    y = _int_matmul(qx, wq) * (sx * s_channel.float().reshape(1, -1))
+    y = int_matmul(qx, wq) * (sx * s_channel.float().reshape(1, -1))
     y = y.to(x.dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
