@@ -10,6 +10,7 @@ bf16 operation rounds to 2^-9 relative, so max |Δ| ≤ 2e-2 · max |y|.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -56,12 +57,19 @@ def _learned(model):
                 m.phi_down.mul_(1.5)
 
 
+_CACHE: dict = {}
+
+
 def _converted(scheme):
-    model = tiny_wan(num_attention_heads=2, attention_head_dim=128, ffn_dim=512)
-    cfg = QVGenConfig(**CONFIGS[scheme])
-    report = convert_model(model, cfg, progress=False)
-    _learned(model)
-    return model, cfg, report
+    """A converted tiny Wan (hidden 256) with "learned" parameters; converted once per scheme, copied per test."""
+    if scheme not in _CACHE:
+        model = tiny_wan(num_attention_heads=2, attention_head_dim=128, ffn_dim=512)
+        cfg = QVGenConfig(**CONFIGS[scheme])
+        report = convert_model(model, cfg, progress=False)
+        _learned(model)
+        _CACHE[scheme] = model, cfg, report
+    model, cfg, report = _CACHE[scheme]
+    return copy.deepcopy(model), cfg, report
 
 
 @pytest.mark.parametrize("scheme", CONFIGS)
