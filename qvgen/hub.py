@@ -123,8 +123,9 @@ def _check_pulled(root: Path, what: str, repo_id: str) -> Path:
 class Source:
     """A local QVGen checkpoint and what is known about how it was made."""
 
-    transformer: Path  # the diffusers model folder with a quantization_config
+    transformer: Path  # the diffusers model folder with a quantization_config (or the ComfyUI-native file)
     run_dir: Path | None = None  # training run folder (train_config.json, train_log.jsonl)
+    native: bool = False  # `transformer` is a ComfyUI-native single file (convrot_w4a4, svdquant_w4a4, w4a8_int8)
     pipeline_dir: Path | None = None  # a local pipeline folder the transformer belongs to
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -132,6 +133,12 @@ class Source:
 def find_source(path: str | os.PathLike) -> Source:
     """Accept a training run folder, a pipeline folder, or the quantized transformer folder itself."""
     path = Path(path)
+    native = _native_file(path)
+    if native is not None:
+        run = native.parent.parent if native.parent.name == COMFYUI_DIR else native.parent
+        src = Source(transformer=native, native=True)
+        src.run_dir = run if (run / "train_config.json").is_file() else None
+        return src
     if not path.is_dir():
         raise HubError(f"{path}: not a folder (expected a QVGen training output or transformer folder)")
     for folder in (path, path / TRANSFORMER):
@@ -179,6 +186,8 @@ def stage_upload(
     """Write into `staging` exactly what `push` uploads (no network unless the base model's
     files have to be fetched from the Hub), and return the plan."""
     src = source if isinstance(source, Source) else find_source(source)
+    if src.native:
+        return _stage_native(src, repo_id, Path(staging), base_model, base_revision, metrics, method)
     ckpt = load_checkpoint(src.transformer)  # validates every tensor before anything is uploaded
     staging = Path(staging)
     if staging.exists() and any(staging.iterdir()):
@@ -292,6 +301,80 @@ def push_training_output(output_dir: str | os.PathLike, repo_id: str, *, base_mo
     url = push(output_dir, repo_id, base_model=base_model, private=private, method="qat", **kw)
     print(f"pushed to https://huggingface.co/{repo_id} ({url})")
     return url
+
+
+def _native_file(path: Path) -> Path | None:
+    """A ComfyUI-native export at `path`: the file itself, or the one file under a run folder's `comfyui/`."""
+    from safetensors import safe_open
+
+    from .adapters.comfy.native import is_comfy_native
+
+    if path.is_dir():
+        if (path / CONFIG_NAME).is_file() or (path / TRANSFORMER).is_dir():
+            return None
+        files = sorted((path / COMFYUI_DIR).glob("*.safetensors"))
+        if len(files) != 1:
+            return None
+        path = files[0]
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: not ours to stage
+        return None
+    return path if is_comfy_native(meta) else None
+
+
+def _stage_native(
+    src: Source,
+    repo_id: str,
+    staging: Path,
+    base_model: str | None,
+    base_revision: str | None,
+    metrics: dict[str, Any] | str | os.PathLike | None,
+    method: str | None,
+) -> UploadPlan:
+    """A ComfyUI-native export is uploaded as itself under `comfyui/` (no diffusers folder: ComfyUI's stock
+    loader reads it, diffusers through `qvgen.load_quantized_model` / the diffusers door)."""
+    from .adapters.comfy.native import ComfyNativeError, read_comfy_native
+
+    try:
+        f = read_comfy_native(src.transformer)  # validates every layer before anything is uploaded
+    except ComfyNativeError as e:
+        raise HubError(str(e)) from None
+    if f.config is None:
+        raise HubError(f"{src.transformer}: no QVGen 'quantization_config' in the metadata (not written by qvgen)")
+    if staging.exists() and any(staging.iterdir()):
+        raise HubError(f"{staging}: staging folder must be empty")
+    staging.mkdir(parents=True, exist_ok=True)
+    base_model = base_model or src.provenance.get("base_model")
+    if not base_model:
+        raise HubError("--base-model is required: the Hub id (or local folder) of the full-precision model")
+    base = _base_files(base_model, base_revision, False, src)
+    for lic in sorted(base.glob("LICENSE*")):
+        _link(lic, staging / lic.name)
+    single = f"{COMFYUI_DIR}/{repo_id.split('/')[-1]}.safetensors"
+    _link(src.transformer, staging / single)
+    info = CardInfo(
+        repo_id=repo_id,
+        base_model=_hub_id(str(base_model)),
+        config=f.config,
+        transformer_class=f.model_config.get("_class_name", "WanTransformer3DModel"),
+        pipeline_class=_pipeline_class(base),
+        method=method or ("qat" if src.run_dir else "unknown"),
+        full_pipeline=False,
+        single_file=single,
+        training=_read_json(src.run_dir / "train_config.json") if src.run_dir else None,
+        final_log=_last_log(src.run_dir) if src.run_dir else None,
+        metrics=_load_metrics(metrics, src),
+        sizes={"file size": src.transformer.stat().st_size},
+    )
+    info.license, info.license_name, info.license_link = _base_license(base)
+    card = render_model_card(info)
+    (staging / "README.md").write_text(card)
+    files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    return UploadPlan(staging, files, card, info)
 
 
 # ---- single file ----------------------------------------------------------------------------------

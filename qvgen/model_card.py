@@ -39,6 +39,26 @@ TRAINING_KEYS = (
     ("mixed_precision", "mixed precision"),
     ("seed", "seed"),
 )
+# ComfyUI-native schemes: (weights, activations, file format and the ComfyUI that loads it); docs/comfyui.md
+NATIVE = {
+    "convrot_w4a4": (
+        "4-bit integers, signed, one learned scale per output row, Hadamard-256 (ConvRot) rotated",
+        "{a}-bit per token, dynamic absmax, same rotation",
+        "ComfyUI native `convrot_w4a4` (comfy-kitchen `TensorCoreConvRotW4A4Layout`), ComfyUI >= 0.29",
+    ),
+    "svdquant_w4a4": (
+        "4-bit integers, signed, learned scale per group of 64 inputs, after learned SmoothQuant smoothing",
+        "4-bit per token and group of 64, dynamic absmax",
+        "ComfyUI native `svdquant_w4a4` (comfy-kitchen `TensorCoreSVDQuantW4A4Layout`); needs a ComfyUI that "
+        "registers it (ComfyUI PR #13580; not in 0.29)",
+    ),
+    "w4a8_int8": (
+        "4-bit codes into comfy-kitchen's 16-level codebook, fp8 scale per group of 16 and fp32 scale per row "
+        "(both learned), ConvRot rotated",
+        "8-bit per token, dynamic absmax, same rotation",
+        "ComfyUI native `asym_w4a8_int8` (comfy-kitchen `AsymW4A8Int8Layout`), ComfyUI >= 0.31",
+    ),
+}
 PAPER = "https://arxiv.org/abs/2505.11497"
 PROJECT = "https://github.com/qvgen/qvgen"
 CITATION = """```bibtex
@@ -118,6 +138,27 @@ def _body(info: CardInfo) -> str:
         if is_hub_id(info.base_model)
         else f"`{info.base_model}`"
     )
+    native = NATIVE.get(getattr(c, "scheme", "qvgen"))
+    phi = f"rank {c.current_rank or 0} (removed)" if not c.current_rank else f"rank {c.current_rank}"
+    if native and c.current_rank:
+        phi += " (kept as the layer's low-rank branch, `proj_down` / `proj_up`)"
+    rows = [
+        (
+            "weights",
+            native[0]
+            if native
+            else f"{c.weight_bits}-bit integers, per output channel, asymmetric, learned scale and zero point",
+        ),
+        (
+            "activations",
+            "16-bit (not quantized)"
+            if c.act_bits is None
+            else native[1].format(a=c.act_bits)
+            if native
+            else f"{c.act_bits}-bit, per token, dynamic, asymmetric, learned clipping "
+            f"({c.n_buckets} timestep bucket{'s' if c.n_buckets != 1 else ''})",
+        ),
+    ]
     parts = [
         f"# {name}\n",
         f"{info.bits} version of {base_link}, {METHODS.get(info.method, info.method)}"
@@ -126,25 +167,17 @@ def _body(info: CardInfo) -> str:
         "## Quantization\n",
         _table(
             [
-                (
-                    "weights",
-                    f"{c.weight_bits}-bit integers, per output channel, asymmetric, learned scale and zero point",
-                ),
-                (
-                    "activations",
-                    "16-bit (not quantized)"
-                    if c.act_bits is None
-                    else f"{c.act_bits}-bit, per token, dynamic, asymmetric, learned clipping "
-                    f"({c.n_buckets} timestep bucket{'s' if c.n_buckets != 1 else ''})",
-                ),
+                *rows,
                 ("quantized layers", _patterns(c.modules_to_convert)),
                 ("kept in full precision", _patterns(c.modules_to_not_convert) if c.modules_to_not_convert else "none"),
-                (
-                    "auxiliary module Φ",
-                    f"rank {c.current_rank or 0} (removed)" if not c.current_rank else f"rank {c.current_rank}",
-                ),
+                ("auxiliary module Φ", phi),
                 ("input transform", c.input_transform) if getattr(c, "input_transform", "none") != "none" else None,
-                ("format", f'QVGen checkpoint format v{c.format_version} (safetensors; `quant_method: "qvgen"`)'),
+                (
+                    "format",
+                    native[2]
+                    if native
+                    else f'QVGen checkpoint format v{c.format_version} (safetensors; `quant_method: "qvgen"`)',
+                ),
                 *[(label, _size(n)) for label, n in info.sizes.items()],
             ]
         ),
@@ -191,6 +224,19 @@ def _metrics(metrics: dict[str, Any] | None) -> str:
 
 def _diffusers_usage(info: CardInfo) -> str:
     dtype = "torch.bfloat16"
+    if getattr(info.config, "scheme", "qvgen") in NATIVE and info.single_file:
+        code = (
+            "import torch\nimport qvgen\nfrom huggingface_hub import hf_hub_download\n"
+            f"from diffusers import {info.pipeline}\n\n"
+            f'path = hf_hub_download("{info.repo_id}", "{info.single_file}")\n'
+            f"transformer = qvgen.load_quantized_model(path, dtype={dtype})  # dequantized PyTorch compute\n"
+            f'pipe = {info.pipeline}.from_pretrained("{info.base_model}", transformer=transformer, '
+            f"torch_dtype={dtype})\n"
+        )
+        return (
+            "The file is in ComfyUI's native format; in diffusers it runs through QVGen's PyTorch loader:\n\n"
+            f"```python\n{code}```\n"
+        )
     if info.full_pipeline:
         code = (
             'import torch\nimport qvgen  # registers quant_method "qvgen" with diffusers\n'
@@ -226,6 +272,14 @@ def _comfyui_usage(info: CardInfo) -> str:
             "makes one from the downloaded `transformer/` folder for the QVGen loader node.\n"
         )
     fname = info.single_file.split("/")[-1]
+    native = NATIVE.get(getattr(info.config, "scheme", "qvgen"))
+    if native:
+        return (
+            f"No custom node: download `{info.single_file}` into `ComfyUI/models/diffusion_models/` "
+            f"(`python -m qvgen.hub pull {info.repo_id} --what comfyui --local-dir ComfyUI/models/diffusion_models`) "
+            f"and pick `{fname}` in the stock *Load Diffusion Model* node of a standard workflow. Format: "
+            f"{native[2]}.\n"
+        )
     return (
         "1. Install the QVGen node pack (ComfyUI-Manager: search *QVGen*, or `git clone` the QVGen repository "
         "into `ComfyUI/custom_nodes/` and `pip install -e .` in it).\n"

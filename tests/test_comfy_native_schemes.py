@@ -244,3 +244,30 @@ def test_w4a8_export_refuses_live_phi(tmp_path):
     convert_model(model, cfg, progress=False)
     with pytest.raises(ComfyNativeError, match="Φ rank 4.*no low-rank branch"):
         export_comfy(model, cfg, tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("scheme", CONFIGS)
+def test_hub_push_stages_the_native_file_with_its_card(scheme, tmp_path, monkeypatch):
+    """`python -m qvgen.hub push RUN ORG/NAME --dry-run DIR` on a run whose export is a ComfyUI-native file."""
+    from tiny_models import tiny_wan_pipeline
+
+    from qvgen.hub import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = tmp_path / "base"
+    tiny_wan_pipeline().save_pretrained(base)
+    (base / "LICENSE").write_text("Apache License 2.0 (test copy)\n")
+    run = tmp_path / "run"
+    model, cfg, _ = _converted(scheme)
+    export = export_comfy(model, cfg, run / "comfyui" / f"diffusion_model_{scheme}.safetensors").path
+    (run / "train_config.json").write_text(json.dumps({"quantization": cfg.to_dict(), "options": {"steps": 10}}))
+    staged = tmp_path / "staged"
+    assert main(["push", str(run), "org/wan-tiny-x", "--base-model", str(base), "--dry-run", str(staged)]) == 0
+    files = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
+    assert files == ["LICENSE", "README.md", "comfyui/wan-tiny-x.safetensors"]
+    assert (staged / "comfyui/wan-tiny-x.safetensors").read_bytes() == export.read_bytes()
+    card = (staged / "README.md").read_text()
+    fmt = "asym_w4a8_int8" if scheme == "w4a8_int8" else scheme
+    assert f"ComfyUI native `{fmt}`" in card and "Load Diffusion Model" in card
+    assert "qvgen.load_quantized_model(path, dtype=torch.bfloat16)" in card
+    assert ("kept as the layer's low-rank branch" in card) == (scheme == "svdquant_w4a4")

@@ -220,8 +220,6 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
 
 def run(args: argparse.Namespace) -> Path:
     qconfig = quant_config(args)  # validate settings before any heavy work
-    if args.push_to_hub and qconfig.scheme == "convrot_w4a4":
-        raise ValueError("--push-to-hub: not supported for --scheme convrot_w4a4 yet; upload the .safetensors file")
     opts = train_options(args)
     family = detect_family(args.model, args.revision)
     cache = args.cache or args.output / "cache"
@@ -260,20 +258,24 @@ def run(args: argparse.Namespace) -> Path:
         logging.getLogger("qvgen.train").info("%s", report)
         print(f"ComfyUI {qconfig.scheme} checkpoint written to {report.path} (load it with 'Load Diffusion Model')")
         print(report)
+        if args.push_to_hub:
+            _push(args, report.path)
         return report.path
     export = save_quantized(result.student, qconfig, export_path(args), dtype=dtype)
     logging.getLogger("qvgen.train").info("exported %s", export)
     print(f"QVGen checkpoint written to {export}")
     if args.push_to_hub:
-        from ..hub import HubError, push_training_output
-
-        try:
-            push_training_output(args.output, args.push_to_hub, base_model=args.model, private=args.private)
-        except HubError as e:  # the export is on disk; only the upload failed
-            raise ValueError(
-                f"--push-to-hub: {e}; the checkpoint is in {export}, push it later with qvgen.hub"
-            ) from None
+        _push(args, export)
     return export
+
+
+def _push(args: argparse.Namespace, export: Path) -> None:
+    from ..hub import HubError, push_training_output
+
+    try:
+        push_training_output(args.output, args.push_to_hub, base_model=args.model, private=args.private)
+    except HubError as e:  # the export is on disk; only the upload failed
+        raise ValueError(f"--push-to-hub: {e}; the checkpoint is in {export}, push it later with qvgen.hub") from None
 
 
 def main(argv: list[str] | None = None) -> int:
