@@ -27,7 +27,7 @@ from ..decay import RankDecaySchedule
 from ..quantizers import ZERO_POINT_GRADS
 from ..surgery import convert_model
 from ..train import LatentDataset, TrainOptions, train
-from . import shapes, teacher, text
+from . import schemes, shapes, teacher, text
 from .evaluate import EvalSet, mse, predictions, velocity_errors
 from .provenance import environment
 from .report import plot_losses, write_comparison_gif
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse the training runs already in --output/runs (same settings): a finished student is loaded, "
         "not retrained, so an interrupted multi-seed run is completed by running the same command again",
     )
+    schemes.add_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -137,6 +138,7 @@ def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
         out[f"PTQ{suffix}"] = QVGenConfig(rank=0, **base)
         out[f"QAT{suffix}"] = QVGenConfig(rank=0, **base)
         out[f"QVGen{suffix}"] = QVGenConfig(rank=args.rank, phase_steps=max(1, args.steps // phases), **base)
+    out.update(schemes.scheme_configs(args, base))  # --schemes: ComfyUI's other native formats
     return out
 
 
