@@ -271,3 +271,35 @@ def test_hub_push_stages_the_native_file_with_its_card(scheme, tmp_path, monkeyp
     assert f"ComfyUI native `{fmt}`" in card and "Load Diffusion Model" in card
     assert "qvgen.load_quantized_model(path, dtype=torch.bfloat16)" in card
     assert ("kept as the layer's low-rank branch" in card) == (scheme == "svdquant_w4a4")
+
+
+def test_convrot_int8_token_export_report_warns_about_the_eager_backend(tmp_path):
+    model = tiny_wan(num_attention_heads=2, attention_head_dim=128, ffn_dim=512)
+    cfg = QVGenConfig(scheme="convrot_w4a4", rank=0, act_bits=8)
+    convert_model(model, cfg, progress=False)
+    text = str(export_comfy(model, cfg, tmp_path / "a8.safetensors"))
+    assert "linear_dtype 'int8'" in text and "eager backend" in text and "w4a8_int8" in text
+    cfg4 = QVGenConfig(scheme="convrot_w4a4", rank=0)
+    assert "note:" not in str(export_comfy(model, cfg4, tmp_path / "a4.safetensors"))
+
+
+def test_demo_scheme_columns():
+    from qvgen.demo.run import _configs, build_parser
+
+    args = build_parser().parse_args(
+        ["--schemes", "svdquant_w4a4,w4a8_int8", "--svdquant-ranks", "0,8,32", "--steps", "120", "--transforms", "none"]
+    )
+    cfgs = _configs(args)
+    assert [n for n in cfgs if "svdquant" in n or "w4a8" in n] == [
+        "PTQ svdquant r0", "QAT svdquant r0", "QVGen svdquant r0",
+        "PTQ svdquant r8", "QAT svdquant r8", "QVGen svdquant r8",
+        "PTQ svdquant r32", "QAT svdquant r32",
+        "PTQ w4a8", "QAT w4a8", "QVGen w4a8",
+    ]  # fmt: skip
+    q = cfgs["QVGen svdquant r8"]
+    assert (q.scheme, q.rank, q.final_rank, q.input_transform) == ("svdquant_w4a4", 32, 8, "smooth")
+    assert q.phase_steps == 60  # two phases (32 → 16 → 8) share the step budget
+    assert (cfgs["QAT svdquant r8"].rank, cfgs["QAT svdquant r8"].final_rank) == (8, 8)
+    assert (cfgs["QVGen w4a8"].act_bits, cfgs["QVGen w4a8"].final_rank, cfgs["QVGen w4a8"].rank) == (8, 0, 32)
+    with pytest.raises(SystemExit, match="unknown scheme"):
+        _configs(build_parser().parse_args(["--schemes", "nope"]))
