@@ -181,10 +181,13 @@ class GroupWeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def export(self, weight: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """Packed codes `(out, K/2)` int8 and `wscales` `(K/64, out)` in `dtype` (default `scale_dtype`)."""
-        dtype = dtype or self.scale_dtype or torch.float32
-        s = self.scale.detach().float().clamp(min=ABSMAX_MIN).to(dtype)
-        codes = quantize_groups(weight.detach().float(), s.float())
+        """Packed codes `(out, K/2)` int8 and `wscales` `(K/64, out)` in `dtype` (default `scale_dtype`).
+
+        The scales are the forward pass's (rounded to `scale_dtype`), so the codes are training's.
+        """
+        s = cast_ste(self.scale.detach().float().clamp(min=ABSMAX_MIN), self.scale_dtype)
+        codes = quantize_groups(weight.detach().float(), s)
+        s = s.to(dtype or self.scale_dtype or torch.float32)
         return pack_int4(codes), s.squeeze(-1).t().contiguous()
 
 
