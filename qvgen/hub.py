@@ -16,6 +16,9 @@ Repository layout (a diffusers pipeline repo):
     transformer/config.json + diffusion_pytorch_model*.safetensors  (QVGen checkpoint format)
     comfyui/<name>.safetensors                                       (same tensors, one file)
     README.md                                                        (model card)
+A model trained for a ComfyUI-native scheme (`--scheme convrot_w4a4`, `nvfp4`) is its one file:
+such a repo holds `comfyui/<name>.safetensors` (ComfyUI's own format), the base model's license
+and the card.
 """
 
 from __future__ import annotations
@@ -123,22 +126,21 @@ def _check_pulled(root: Path, what: str, repo_id: str) -> Path:
 class Source:
     """A local QVGen checkpoint and what is known about how it was made."""
 
-    transformer: Path  # the diffusers model folder with a quantization_config (or the ComfyUI-native file)
+    transformer: Path | None  # the diffusers model folder with a quantization_config
     run_dir: Path | None = None  # training run folder (train_config.json, train_log.jsonl)
-    native: bool = False  # `transformer` is a ComfyUI-native single file (convrot_w4a4, svdquant_w4a4, w4a8_int8)
     pipeline_dir: Path | None = None  # a local pipeline folder the transformer belongs to
     provenance: dict[str, Any] = field(default_factory=dict)
+    comfy_file: Path | None = None  # instead of `transformer`: a ComfyUI-native export (one file)
 
 
 def find_source(path: str | os.PathLike) -> Source:
-    """Accept a training run folder, a pipeline folder, or the quantized transformer folder itself."""
+    """Accept a training run folder, a pipeline folder, or the quantized transformer folder itself; for
+    ComfyUI-native schemes a run folder (its `comfyui/` export) or the exported file."""
     path = Path(path)
-    native = _native_file(path)
-    if native is not None:
-        run = native.parent.parent if native.parent.name == COMFYUI_DIR else native.parent
-        src = Source(transformer=native, native=True)
-        src.run_dir = run if (run / "train_config.json").is_file() else None
-        return src
+    comfy = _comfy_native_file(path)
+    if comfy is not None:
+        run = comfy.parent.parent
+        return Source(None, run if (run / "train_config.json").is_file() else None, comfy_file=comfy)
     if not path.is_dir():
         raise HubError(f"{path}: not a folder (expected a QVGen training output or transformer folder)")
     for folder in (path, path / TRANSFORMER):
@@ -159,6 +161,20 @@ def find_source(path: str | os.PathLike) -> Source:
     if (folder / PROVENANCE).is_file():
         src.provenance = _read_json(folder / PROVENANCE)
     return src
+
+
+def _comfy_native_file(path: Path) -> Path | None:
+    """The ComfyUI-native export at `path` (the file, or the single one in a run's `comfyui/`), if any."""
+    from .adapters.comfy.native import is_comfy_native
+    from .checkpoint import read_safetensors_metadata
+
+    files = [path] if path.is_file() else sorted((path / COMFYUI_DIR).glob("*.safetensors")) if path.is_dir() else []
+    if path.is_dir() and (path / TRANSFORMER).is_dir():
+        return None  # a QVGen export: its comfyui/ file (if any) is a copy
+    native = [f for f in files if f.suffix == ".safetensors" and is_comfy_native(read_safetensors_metadata(f))]
+    if len(native) > 1:
+        raise HubError(f"{path}: several ComfyUI-native files {[f.name for f in native]}; pass the one to push")
+    return native[0] if native else None
 
 
 @dataclass
@@ -186,8 +202,8 @@ def stage_upload(
     """Write into `staging` exactly what `push` uploads (no network unless the base model's
     files have to be fetched from the Hub), and return the plan."""
     src = source if isinstance(source, Source) else find_source(source)
-    if src.native:
-        return _stage_native(src, repo_id, Path(staging), base_model, base_revision, metrics, method)
+    if src.comfy_file is not None:
+        return _stage_comfy_file(src, repo_id, Path(staging), base_model, base_revision, metrics, method)
     ckpt = load_checkpoint(src.transformer)  # validates every tensor before anything is uploaded
     staging = Path(staging)
     if staging.exists() and any(staging.iterdir()):
@@ -233,9 +249,52 @@ def stage_upload(
     )
     info.license, info.license_name, info.license_link = _base_license(base)
     card = render_model_card(info)
-    (staging / "README.md").write_text(card)
+    card.save(staging / "README.md")
     files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-    return UploadPlan(staging, files, card, info)
+    return UploadPlan(staging, files, str(card), info)
+
+
+def _stage_comfy_file(src: Source, repo_id: str, staging: Path, base_model, base_revision, metrics, method):
+    """`stage_upload` for a ComfyUI-native export: the file under `comfyui/`, the license, the card."""
+    from .adapters.comfy.native import ComfyNativeError, read_comfy_native
+
+    try:
+        f = read_comfy_native(src.comfy_file)  # validates every quantized layer before anything is uploaded
+    except ComfyNativeError as e:
+        raise HubError(str(e)) from None
+    if f.config is None:
+        raise HubError(f"{src.comfy_file}: no QVGen 'quantization_config' in the metadata (not a QVGen export)")
+    if staging.exists() and any(staging.iterdir()):
+        raise HubError(f"{staging}: staging folder must be empty")
+    staging.mkdir(parents=True, exist_ok=True)
+    if not base_model:
+        raise HubError("--base-model is required: the Hub id (or local folder) of the full-precision model")
+    base = _base_files(base_model, base_revision, False, src)
+    for lic in sorted(base.glob("LICENSE*")):
+        _link(lic, staging / lic.name)
+    single = f"{COMFYUI_DIR}/{repo_id.split('/')[-1]}.safetensors"
+    (staging / COMFYUI_DIR).mkdir()
+    _link(src.comfy_file, staging / single)
+    info = CardInfo(
+        repo_id=repo_id,
+        base_model=_hub_id(str(base_model)),
+        config=f.config,
+        transformer_class=f.model_config.get("_class_name", "WanTransformer3DModel"),
+        pipeline_class=_pipeline_class(base),
+        method=method or ("qat" if src.run_dir else "unknown"),
+        full_pipeline=False,
+        single_file=single,
+        training=_read_json(src.run_dir / "train_config.json") if src.run_dir else None,
+        final_log=_last_log(src.run_dir) if src.run_dir else None,
+        metrics=_load_metrics(metrics, src),
+        sizes={"file size": src.comfy_file.stat().st_size},
+        extra_tags=[f.config.scheme, "comfyui"],
+    )
+    info.license, info.license_name, info.license_link = _base_license(base)
+    card = render_model_card(info)
+    card.save(staging / "README.md")
+    files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    return UploadPlan(staging, files, str(card), info)
 
 
 def push(
@@ -301,80 +360,6 @@ def push_training_output(output_dir: str | os.PathLike, repo_id: str, *, base_mo
     url = push(output_dir, repo_id, base_model=base_model, private=private, method="qat", **kw)
     print(f"pushed to https://huggingface.co/{repo_id} ({url})")
     return url
-
-
-def _native_file(path: Path) -> Path | None:
-    """A ComfyUI-native export at `path`: the file itself, or the one file under a run folder's `comfyui/`."""
-    from safetensors import safe_open
-
-    from .adapters.comfy.native import is_comfy_native
-
-    if path.is_dir():
-        if (path / CONFIG_NAME).is_file() or (path / TRANSFORMER).is_dir():
-            return None
-        files = sorted((path / COMFYUI_DIR).glob("*.safetensors"))
-        if len(files) != 1:
-            return None
-        path = files[0]
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception:  # noqa: BLE001 - not a readable safetensors file: not ours to stage
-        return None
-    return path if is_comfy_native(meta) else None
-
-
-def _stage_native(
-    src: Source,
-    repo_id: str,
-    staging: Path,
-    base_model: str | None,
-    base_revision: str | None,
-    metrics: dict[str, Any] | str | os.PathLike | None,
-    method: str | None,
-) -> UploadPlan:
-    """A ComfyUI-native export is uploaded as itself under `comfyui/` (no diffusers folder: ComfyUI's stock
-    loader reads it, diffusers through `qvgen.load_quantized_model` / the diffusers door)."""
-    from .adapters.comfy.native import ComfyNativeError, read_comfy_native
-
-    try:
-        f = read_comfy_native(src.transformer)  # validates every layer before anything is uploaded
-    except ComfyNativeError as e:
-        raise HubError(str(e)) from None
-    if f.config is None:
-        raise HubError(f"{src.transformer}: no QVGen 'quantization_config' in the metadata (not written by qvgen)")
-    if staging.exists() and any(staging.iterdir()):
-        raise HubError(f"{staging}: staging folder must be empty")
-    staging.mkdir(parents=True, exist_ok=True)
-    base_model = base_model or src.provenance.get("base_model")
-    if not base_model:
-        raise HubError("--base-model is required: the Hub id (or local folder) of the full-precision model")
-    base = _base_files(base_model, base_revision, False, src)
-    for lic in sorted(base.glob("LICENSE*")):
-        _link(lic, staging / lic.name)
-    single = f"{COMFYUI_DIR}/{repo_id.split('/')[-1]}.safetensors"
-    _link(src.transformer, staging / single)
-    info = CardInfo(
-        repo_id=repo_id,
-        base_model=_hub_id(str(base_model)),
-        config=f.config,
-        transformer_class=f.model_config.get("_class_name", "WanTransformer3DModel"),
-        pipeline_class=_pipeline_class(base),
-        method=method or ("qat" if src.run_dir else "unknown"),
-        full_pipeline=False,
-        single_file=single,
-        training=_read_json(src.run_dir / "train_config.json") if src.run_dir else None,
-        final_log=_last_log(src.run_dir) if src.run_dir else None,
-        metrics=_load_metrics(metrics, src),
-        sizes={"file size": src.transformer.stat().st_size},
-    )
-    info.license, info.license_name, info.license_link = _base_license(base)
-    card = render_model_card(info)
-    (staging / "README.md").write_text(card)
-    files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-    return UploadPlan(staging, files, card, info)
 
 
 # ---- single file ----------------------------------------------------------------------------------

@@ -3,6 +3,12 @@
 Everything on the card is read from what is uploaded: the `quantization_config`, the training
 run's `train_config.json` / `train_log.jsonl`, a metrics file, and the base model's own card
 (its license is carried over). Rendering is pure (no network), so tests check the exact text.
+
+The card is a `huggingface_hub.ModelCard`: the metadata is a `ModelCardData` (the Hub's field names
+and YAML), joined to the body by `ModelCard.from_template`, which also parses the result back, so
+a card with broken metadata is an error here rather than on the Hub. The body stays our own Markdown:
+what it says (bits, Φ, buckets, how to load in diffusers and ComfyUI) is QVGen's, and no Hub template
+has those sections.
 """
 
 from __future__ import annotations
@@ -11,7 +17,36 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from huggingface_hub import ModelCard, ModelCardData
+
 from .config import QVGenConfig
+
+# schemes shipped in ComfyUI's own format: (weights, activations, format) rows of the card
+COMFY_NATIVE = {
+    "convrot_w4a4": (
+        "4-bit integers of the Hadamard-256-rotated weight, per output row, symmetric, learned scale",
+        "int4 per token (int8 on GPUs without int4 tensor cores, or when the file asks for it)",
+        "ComfyUI-native `convrot_w4a4` (comfy-kitchen `TensorCoreConvRotW4A4Layout`)",
+    ),
+    "nvfp4": (
+        "FP4 (e2m1) with an fp8 scale per 16 inputs and a global scale; learned block clips",
+        "FP4 per 16-element block with a learned static global scale (`input_scale`), on GPUs with FP4 "
+        "tensor cores (RTX 50, B200); other devices run the layers with unquantized inputs",
+        "ComfyUI-native `nvfp4` (comfy-kitchen `TensorCoreNVFP4Layout`)",
+    ),
+    "svdquant_w4a4": (
+        "4-bit integers, signed, learned scale per group of 64 inputs, after learned SmoothQuant smoothing",
+        "4-bit per token and group of 64, dynamic absmax",
+        "ComfyUI-native `svdquant_w4a4` (comfy-kitchen `TensorCoreSVDQuantW4A4Layout`); needs a ComfyUI that "
+        "registers it (not 0.29)",
+    ),
+    "w4a8_int8": (
+        "4-bit codes into comfy-kitchen's 16-level codebook, fp8 scale per group of 16 and fp32 scale per row "
+        "(both learned), ConvRot rotated",
+        "8-bit per token, dynamic absmax, same rotation",
+        "ComfyUI-native `asym_w4a8_int8` (comfy-kitchen `AsymW4A8Int8Layout`), ComfyUI >= 0.31",
+    ),
+}
 
 PIPELINE_FOR_TRANSFORMER = {
     "WanTransformer3DModel": "WanPipeline",
@@ -39,28 +74,10 @@ TRAINING_KEYS = (
     ("mixed_precision", "mixed precision"),
     ("seed", "seed"),
 )
-# ComfyUI-native schemes: (weights, activations, file format and the ComfyUI that loads it); docs/comfyui.md
-NATIVE = {
-    "convrot_w4a4": (
-        "4-bit integers, signed, one learned scale per output row, Hadamard-256 (ConvRot) rotated",
-        "{a}-bit per token, dynamic absmax, same rotation",
-        "ComfyUI native `convrot_w4a4` (comfy-kitchen `TensorCoreConvRotW4A4Layout`), ComfyUI >= 0.29",
-    ),
-    "svdquant_w4a4": (
-        "4-bit integers, signed, learned scale per group of 64 inputs, after learned SmoothQuant smoothing",
-        "4-bit per token and group of 64, dynamic absmax",
-        "ComfyUI native `svdquant_w4a4` (comfy-kitchen `TensorCoreSVDQuantW4A4Layout`); needs a ComfyUI that "
-        "registers it (ComfyUI PR #13580; not in 0.29)",
-    ),
-    "w4a8_int8": (
-        "4-bit codes into comfy-kitchen's 16-level codebook, fp8 scale per group of 16 and fp32 scale per row "
-        "(both learned), ConvRot rotated",
-        "8-bit per token, dynamic absmax, same rotation",
-        "ComfyUI native `asym_w4a8_int8` (comfy-kitchen `AsymW4A8Int8Layout`), ComfyUI >= 0.31",
-    ),
-}
 PAPER = "https://arxiv.org/abs/2505.11497"
 PROJECT = "https://github.com/qvgen/qvgen"
+# `ModelCard.from_template` renders `card_data` as the YAML header; the body is written by `_body`.
+TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
 CITATION = """```bibtex
 @inproceedings{huang2026qvgen,
   title={QVGen: Pushing the Limit of Quantized Video Generative Models},
@@ -112,9 +129,8 @@ def is_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
 
 
-def render_model_card(info: CardInfo) -> str:
-    """The full README.md: YAML metadata, then the body."""
-    from huggingface_hub import ModelCardData
+def render_model_card(info: CardInfo) -> ModelCard:
+    """The README.md as a `ModelCard`: YAML metadata, then the body (`card.save(path)` writes it)."""
 
     family = "cogvideox" if "CogVideoX" in info.transformer_class else "wan"
     data = ModelCardData(
@@ -127,7 +143,7 @@ def render_model_card(info: CardInfo) -> str:
         tags=["qvgen", "quantized", info.bits.lower(), family, "text-to-video", *info.extra_tags],
         base_model_relation="quantized",
     )
-    return f"---\n{data.to_yaml()}\n---\n\n{_body(info)}"
+    return ModelCard.from_template(data, template_str=TEMPLATE, body=_body(info))
 
 
 def _body(info: CardInfo) -> str:
@@ -138,27 +154,8 @@ def _body(info: CardInfo) -> str:
         if is_hub_id(info.base_model)
         else f"`{info.base_model}`"
     )
-    native = NATIVE.get(getattr(c, "scheme", "qvgen"))
-    phi = f"rank {c.current_rank or 0} (removed)" if not c.current_rank else f"rank {c.current_rank}"
-    if native and c.current_rank:
-        phi += " (kept as the layer's low-rank branch, `proj_down` / `proj_up`)"
-    rows = [
-        (
-            "weights",
-            native[0]
-            if native
-            else f"{c.weight_bits}-bit integers, per output channel, asymmetric, learned scale and zero point",
-        ),
-        (
-            "activations",
-            "16-bit (not quantized)"
-            if c.act_bits is None
-            else native[1].format(a=c.act_bits)
-            if native
-            else f"{c.act_bits}-bit, per token, dynamic, asymmetric, learned clipping "
-            f"({c.n_buckets} timestep bucket{'s' if c.n_buckets != 1 else ''})",
-        ),
-    ]
+    if c.scheme in COMFY_NATIVE:
+        return _comfy_native_body(info, name, base_link)
     parts = [
         f"# {name}\n",
         f"{info.bits} version of {base_link}, {METHODS.get(info.method, info.method)}"
@@ -167,17 +164,25 @@ def _body(info: CardInfo) -> str:
         "## Quantization\n",
         _table(
             [
-                *rows,
+                (
+                    "weights",
+                    f"{c.weight_bits}-bit integers, per output channel, asymmetric, learned scale and zero point",
+                ),
+                (
+                    "activations",
+                    "16-bit (not quantized)"
+                    if c.act_bits is None
+                    else f"{c.act_bits}-bit, per token, dynamic, asymmetric, learned clipping "
+                    f"({c.n_buckets} timestep bucket{'s' if c.n_buckets != 1 else ''})",
+                ),
                 ("quantized layers", _patterns(c.modules_to_convert)),
                 ("kept in full precision", _patterns(c.modules_to_not_convert) if c.modules_to_not_convert else "none"),
-                ("auxiliary module Φ", phi),
-                ("input transform", c.input_transform) if getattr(c, "input_transform", "none") != "none" else None,
                 (
-                    "format",
-                    native[2]
-                    if native
-                    else f'QVGen checkpoint format v{c.format_version} (safetensors; `quant_method: "qvgen"`)',
+                    "auxiliary module Φ",
+                    f"rank {c.current_rank or 0} (removed)" if not c.current_rank else f"rank {c.current_rank}",
                 ),
+                ("input transform", c.input_transform) if getattr(c, "input_transform", "none") != "none" else None,
+                ("format", f'QVGen checkpoint format v{c.format_version} (safetensors; `quant_method: "qvgen"`)'),
                 *[(label, _size(n)) for label, n in info.sizes.items()],
             ]
         ),
@@ -188,6 +193,46 @@ def _body(info: CardInfo) -> str:
     parts += ["## Use in ComfyUI\n", _comfyui_usage(info)]
     parts += ["## License\n", _license(info)]
     parts += [
+        "## Citation\n",
+        CITATION,
+    ]
+    return "\n".join(parts)
+
+
+def _comfy_native_body(info: CardInfo, name: str, base_link: str) -> str:
+    """The card of a model shipped as one ComfyUI-native file (no diffusers folder in the repo)."""
+    c = info.config
+    weights, acts, fmt = COMFY_NATIVE[c.scheme]
+    rows = [("weights", weights), ("activations", acts), ("quantized layers", _patterns(c.modules_to_convert))]
+    rows += [("kept in full precision", _patterns(c.modules_to_not_convert) if c.modules_to_not_convert else "none")]
+    phi = (
+        f"rank {c.current_rank}, kept as the layer's low-rank branch (`proj_down` / `proj_up`)"
+        if c.current_rank
+        else "decayed to rank 0 during training (removed)"
+    )
+    rows += [("auxiliary module Φ", phi), ("format", fmt)]
+    rows += [(label, _size(n)) for label, n in info.sizes.items()]
+    fname = info.single_file.split("/")[-1]
+    parts = [
+        f"# {name}\n",
+        f"{info.bits} ({c.scheme}) version of {base_link}, {METHODS.get(info.method, info.method)}. "
+        f"Made with [QVGen]({PROJECT}) ([paper]({PAPER})).\n",
+        "## Quantization\n",
+        _table(rows),
+        "## Training\n",
+        _training(info),
+        "## Metrics\n",
+        _metrics(info.metrics),
+        "## Use in ComfyUI\n",
+        f"Download `{info.single_file}` into `ComfyUI/models/diffusion_models/` "
+        f"(`python -m qvgen.hub pull {info.repo_id} --what comfyui --local-dir ComfyUI/models/diffusion_models`) "
+        f"and pick `{fname}` in ComfyUI's stock **Load Diffusion Model** node; no custom node is needed.\n",
+        "## Use in PyTorch\n",
+        "```python\nimport qvgen\nfrom huggingface_hub import hf_hub_download\n\n"
+        f'transformer = qvgen.load_quantized_model(hf_hub_download("{info.repo_id}", "{info.single_file}"))\n```\n\n'
+        "QVGen's loader runs the layers in PyTorch (dequantized weights, the format's input quantization).\n",
+        "## License\n",
+        _license(info),
         "## Citation\n",
         CITATION,
     ]
@@ -224,19 +269,6 @@ def _metrics(metrics: dict[str, Any] | None) -> str:
 
 def _diffusers_usage(info: CardInfo) -> str:
     dtype = "torch.bfloat16"
-    if getattr(info.config, "scheme", "qvgen") in NATIVE and info.single_file:
-        code = (
-            "import torch\nimport qvgen\nfrom huggingface_hub import hf_hub_download\n"
-            f"from diffusers import {info.pipeline}\n\n"
-            f'path = hf_hub_download("{info.repo_id}", "{info.single_file}")\n'
-            f"transformer = qvgen.load_quantized_model(path, dtype={dtype})  # dequantized PyTorch compute\n"
-            f'pipe = {info.pipeline}.from_pretrained("{info.base_model}", transformer=transformer, '
-            f"torch_dtype={dtype})\n"
-        )
-        return (
-            "The file is in ComfyUI's native format; in diffusers it runs through QVGen's PyTorch loader:\n\n"
-            f"```python\n{code}```\n"
-        )
     if info.full_pipeline:
         code = (
             'import torch\nimport qvgen  # registers quant_method "qvgen" with diffusers\n'
@@ -272,14 +304,6 @@ def _comfyui_usage(info: CardInfo) -> str:
             "makes one from the downloaded `transformer/` folder for the QVGen loader node.\n"
         )
     fname = info.single_file.split("/")[-1]
-    native = NATIVE.get(getattr(info.config, "scheme", "qvgen"))
-    if native:
-        return (
-            f"No custom node: download `{info.single_file}` into `ComfyUI/models/diffusion_models/` "
-            f"(`python -m qvgen.hub pull {info.repo_id} --what comfyui --local-dir ComfyUI/models/diffusion_models`) "
-            f"and pick `{fname}` in the stock *Load Diffusion Model* node of a standard workflow. Format: "
-            f"{native[2]}.\n"
-        )
     return (
         "1. Install the QVGen node pack (ComfyUI-Manager: search *QVGen*, or `git clone` the QVGen repository "
         "into `ComfyUI/custom_nodes/` and `pip install -e .` in it).\n"

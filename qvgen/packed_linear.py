@@ -160,6 +160,8 @@ class PackedLinear(nn.Module):
         q = self.qweight
         if backend != "cpu" or q.device.type != "cpu" or self.weight_bits > 4 or q.shape[1] == self.in_features:
             return q
+        if torch.compiler.is_compiling():  # a compiled graph unpacks inline (the cache's checks would break it)
+            return qvgen_kernels.unpack_weight(q, self.weight_bits, self.in_features)
         # inference tensors (ComfyUI loads under torch.inference_mode) have no version counter; they
         # cannot be changed in place outside inference mode, and ComfyUI swaps weights for new tensors
         key = (q.data_ptr(), None if q.is_inference() else q._version, q.shape)

@@ -190,14 +190,16 @@ class ActQuantizer(nn.Module):
 def select_clip(factors: Tensor, bucket: Tensor | int, x: Tensor) -> tuple[Tensor, Tensor]:
     """Pick (lower, upper) factors for `x` from a (n_buckets, 2) table.
 
-    `bucket` is an int (whole batch) or a (B,) tensor, one bucket per sample along x's first dim.
+    `bucket` is an int or a one-element tensor (whole batch) or a (B,) tensor, one bucket per sample
+    along x's first dim.
     """
     if isinstance(bucket, Tensor) and bucket.numel() > 1:
         if bucket.numel() != x.shape[0]:
             raise ValueError(f"timestep bucket has {bucket.numel()} entries but the input batch is {x.shape[0]}")
         f = factors[bucket.to(factors.device).long()]  # (B, 2)
         f = f.view(f.shape[0], *([1] * (x.dim() - 2)), 2)
+    elif isinstance(bucket, Tensor):  # one bucket for the batch, indexed on the device (no .item())
+        f = factors.index_select(0, bucket.reshape(1).to(factors.device, torch.long))[0]
     else:
-        idx = int(bucket) if not isinstance(bucket, Tensor) else int(bucket.reshape(-1)[0])
-        f = factors[idx]
+        f = factors[int(bucket)]
     return f[..., 0:1].float(), f[..., 1:2].float()

@@ -49,12 +49,11 @@ class ConversionReport:
         return text
 
 
-def _linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
+def _linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """(module path, layer) of every linear layer still to convert; swaps use `nn.Module.set_submodule`."""
     for name, module in list(model.named_modules()):
         if _is_foreign_linear(module):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            yield name, parent, child, module
+            yield name, module
 
 
 def _is_foreign_linear(module: nn.Module) -> bool:
@@ -94,18 +93,18 @@ def convert_model(
     report = ConversionReport(total_params=sum(p.numel() for p in model.parameters()))
     state = timestep_state(model, config)
     todo = []
-    for name, parent, child, linear in _linears(model):
+    for name, linear in _linears(model):
         if not config.should_convert(name):
             report.skipped.append(name)
         elif why := unsupported_reason(linear, config):
             report.unsupported.append(name)
             report.unsupported_why = report.unsupported_why or why
         else:
-            todo.append((name, parent, child, linear))
-    for name, parent, child, linear in tqdm(todo, desc="QVGen: quantizing layers", disable=not progress):
+            todo.append((name, linear))
+    for name, linear in tqdm(todo, desc="QVGen: quantizing layers", disable=not progress):
         layer = QVGenLinear.from_linear(linear, config, init=False, name=name)
         layer.timestep_state = state
-        setattr(parent, child, layer)
+        model.set_submodule(name, layer)
         report.converted.append(name)
         report.quantized_params += linear.weight.numel()
     if init:
@@ -159,7 +158,7 @@ def build_packed_model(
     report = ConversionReport(total_params=sum(p.numel() for p in model.parameters()))
     state = timestep_state(model, config)
     rank = config.current_rank if rank is None else rank
-    for name, parent, child, linear in _linears(model):
+    for name, linear in _linears(model):
         if not config.should_convert(name):
             report.skipped.append(name)
             continue
@@ -170,7 +169,7 @@ def build_packed_model(
         r = min(rank or 0, linear.in_features, linear.out_features)
         layer = packed_shell(linear, config, r, dtype, device if device is not None else linear.weight.device)
         layer.timestep_state = state
-        setattr(parent, child, layer)
+        model.set_submodule(name, layer)
         report.converted.append(name)
         report.quantized_params += linear.weight.numel()
     return report
@@ -192,8 +191,7 @@ def pack_model(model: nn.Module, config: QVGenConfig, dtype: torch.dtype = torch
             continue
         layer = module.scheme.pack(module, config, dtype, name)
         layer.timestep_state = state
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        model.set_submodule(name, layer)
     return model
 
 

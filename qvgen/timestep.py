@@ -38,7 +38,8 @@ def bucket_of(state: TimestepState | None) -> Tensor | int:
 
 
 def timestep_to_bucket(t: Tensor | float | int | None, n_buckets: int, num_train_timesteps: int) -> Tensor | int:
-    """Bucket index of timestep(s) `t` in [0, num_train_timesteps]; None → bucket 0.
+    """Bucket index of timestep(s) `t` in [0, num_train_timesteps]; None → bucket 0; a (B,) long
+    tensor for a tensor `t` (B ≥ 1), an int otherwise.
 
     Multiplied before divided: for integer timesteps `t · n` is exact, so with one bucket per
     training timestep (n_buckets = num_train_timesteps, the authors' `t mod 50` tables) the bucket
@@ -47,9 +48,10 @@ def timestep_to_bucket(t: Tensor | float | int | None, n_buckets: int, num_train
     if t is None or n_buckets == 1:
         return 0
     if isinstance(t, Tensor):
+        # stays a tensor on t's device: no host sync per step, and a compiled model sees a tensor
+        # input instead of a Python int it would recompile for at every new bucket
         b = torch.floor(t.detach().float().reshape(-1) * n_buckets / num_train_timesteps).long()
-        b = b.clamp(0, n_buckets - 1)
-        return b if b.numel() > 1 else int(b.item()) if b.numel() == 1 else 0
+        return b.clamp(0, n_buckets - 1) if b.numel() else 0
     return min(max(math.floor(float(t) * n_buckets / num_train_timesteps), 0), n_buckets - 1)
 
 

@@ -558,3 +558,107 @@ def test_lora_patches_quantized_layers_and_unpatches(comfy, tmp_path):
         low2 = dm(x, t, ctx)
     patched.unpatch_model()
     assert torch.allclose(low, full, atol=1e-5) and torch.equal(low, low2)
+
+
+# ---- ComfyUI's native NVFP4 layers, through the stock loader ------------------------------------------
+def make_nvfp4_file(path: Path) -> Path:
+    """The tiny Wan trained-for-NVFP4 (scheme nvfp4, learned-looking clips), exported in ComfyUI's format."""
+    from qvgen import QVGenConfig, convert_model, export_comfy
+    from qvgen.layers import QVGenLinear
+
+    model, cfg = tiny_wan(), QVGenConfig(scheme="nvfp4", rank=0)
+    convert_model(model, cfg, progress=False)
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(2, 16, 3, 8, 8, generator=g), torch.randn(2, 7, 4096, generator=g)
+    with torch.no_grad():
+        model(x, torch.tensor([300.0, 800.0]), ctx)  # calibrates every layer's input scale
+        for m in model.modules():
+            if isinstance(m, QVGenLinear):
+                m.weight_quantizer.block_clip.uniform_(0.7, 1.0, generator=g)
+                m.act_quantizer.clip.fill_(0.6)
+    return export_comfy(model, cfg, path, dtype=torch.float32).path
+
+
+def _nvfp4_in_comfyui(comfy, path: Path):
+    import comfy.sd
+    from comfy.quant_ops import QuantizedTensor
+
+    patcher = comfy.sd.load_diffusion_model(str(path))
+    dm = patcher.model.diffusion_model
+    linears = {n: m for n, m in dm.named_modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "quant_format")}
+    layouts = {n: getattr(m, "layout_type", None) for n, m in linears.items()}
+    quantized = {n for n, m in linears.items() if isinstance(m.weight, QuantizedTensor)}
+    return patcher, dm, layouts, quantized
+
+
+def test_nvfp4_file_loads_as_comfyuis_nvfp4_layers_and_matches_the_loader(comfy, tmp_path, monkeypatch):
+    """ComfyUI 0.29's stock loader (`comfy.sd.load_diffusion_model`, what "Load Diffusion Model" calls)
+    turns every layer the file marks into its NVFP4 layer. Two forwards against `load_comfy_native`:
+
+    - as ComfyUI runs it here (no FP4 tensor cores: nvfp4 is an "emulated op", the weight is
+      dequantized and the input is not quantized) vs the loader with `quantize_input=False`;
+    - as on an FP4 GPU (nvfp4 enabled: the input quantized by ComfyUI with the file's `input_scale`),
+      vs the default loader. The FP4 GEMM cannot run on a CPU: the layers (all with a bias) go through
+      comfy-kitchen's dequantizing fallback, and its FP4 kernel is made to fail the way it falls back
+      from, should a version route them there.
+
+    Same weights, scales and codes on both sides; only the two Wan implementations' float operation
+    order differs. Without input quantization that bounds the gap by 1e-5 of max |y| (as the QVGen
+    loader's ComfyUI test); with it, a ~1e-7 difference in a layer's input can flip one e2m1 rounding,
+    so the check is the one used for packed-vs-fake-quant models (median |Δ| ≤ 1e-5, relative L2 ≤ 2e-3).
+    """
+    try:
+        from comfy.quant_ops import QUANT_ALGOS
+    except ImportError:
+        QUANT_ALGOS = {}
+    if "nvfp4" not in QUANT_ALGOS:
+        pytest.skip("this ComfyUI has no native nvfp4 layers (comfy/quant_ops.py QUANT_ALGOS; ComfyUI 0.29 has them)")
+    import comfy_kitchen as ck
+
+    from qvgen.adapters.comfy.native import load_comfy_native, read_comfy_native
+
+    import_qvgen_nodes()
+    path = make_nvfp4_file(tmp_path / "wan_nvfp4.safetensors")
+    marked = set(read_comfy_native(path).layers)
+    patcher, dm, layouts, quantized = _nvfp4_in_comfyui(comfy, path)
+    assert quantized == marked and len(marked) == 26
+    assert {layouts[n] for n in marked} == {"TensorCoreNVFP4Layout"}
+    assert all(dm.get_submodule(n).weight.dtype == torch.float32 for n in marked)  # the compute dtype here
+    g = torch.Generator().manual_seed(1)
+    x, ctx, t = (
+        torch.randn(2, 16, 3, 8, 8, generator=g),
+        torch.randn(2, 7, 4096, generator=g),
+        torch.tensor([900.0, 200.0]),
+    )
+
+    ref = load_comfy_native(path, quantize_input=False)
+    with torch.no_grad():
+        a, b = ref(x, t, ctx, return_dict=False)[0], dm(x, t, ctx)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+    import comfy.quant_ops
+
+    layout = comfy.quant_ops.TensorCoreNVFP4Layout
+    quantize, quantized_inputs = layout.quantize.__func__, []
+
+    def counting_quantize(cls, tensor, scale=None, **kwargs):
+        quantized_inputs.append(scale)
+        return quantize(cls, tensor, scale=scale, **kwargs)
+
+    def no_fp4_gemm(*args, **kwargs):  # what comfy-kitchen does when its FP4 kernel fails: dequantize
+        raise RuntimeError("no FP4 tensor cores on this machine")
+
+    monkeypatch.setattr(layout, "quantize", classmethod(counting_quantize))
+    monkeypatch.setattr(ck, "scaled_mm_nvfp4", no_fp4_gemm)
+    for n in marked:
+        monkeypatch.setattr(dm.get_submodule(n), "_full_precision_mm", False)  # nvfp4 as a native op
+    w4a16 = a
+    ref = load_comfy_native(path)
+    with torch.no_grad():
+        a, b = ref(x, t, ctx, return_dict=False)[0], dm(x, t, ctx)
+    # every NVFP4 layer quantized its input once per call, with the file's input_scale
+    assert len(quantized_inputs) == len(marked) and all(sc is not None and sc.numel() == 1 for sc in quantized_inputs)
+    diff = (a - b).abs()
+    assert float(diff.median()) <= 1e-5 and float(diff.norm() / a.norm()) <= 2e-3
+    assert float((a - w4a16).norm() / a.norm()) > 1e-2  # and quantizing the inputs does change the output
+    assert patcher is not None

@@ -17,7 +17,11 @@ def test_default_grid_and_seeds():
     args = run.build_parser().parse_args([])
     names = set(run._configs(args))
     base = {"PTQ", "QAT", "QVGen"}
-    assert names == base | {f"{b}+smooth" for b in base}  # the default grid: none and smooth
+    # the default grid: none and smooth; --schemes adds each ComfyUI-native scheme's PTQ / QAT / QVGen rows
+    assert names == base | {f"{b}+smooth" for b in base}
+    with_nvfp4 = run._configs(run.build_parser().parse_args(["--schemes", "nvfp4"]))
+    assert set(with_nvfp4) == names | {f"{b} nvfp4" for b in base}
+    assert with_nvfp4["QVGen nvfp4"].scheme == "nvfp4"
     assert args.seeds == [0]  # one seed by default: the default run stays within minutes
     assert run.build_parser().parse_args(["--seeds", "0,1,2"]).seeds == [0, 1, 2]
     with pytest.raises(SystemExit):
@@ -46,7 +50,7 @@ def test_short_demo_trains_and_reloads(tmp_path):
     reproduces the fake-quant QVGen student."""
     args = ["--output", str(tmp_path), "--steps", "16", "--lr", "2e-4", "--batch-size", "2", "--train-clips", "32"]
     args += ["--eval-clips", "4", "--prompts", "1", "--sample-steps", "2", "--rank", "8", "--transforms", "none"]
-    args += ["--no-progress"]
+    args += ["--schemes", "", "--no-progress"]  # the int4 per-token rows only: the scheme rows double the time
     assert run.main(args) == 0
     for name in ("comparison.gif", "comparison.png", "loss_curves.png", "metrics.json", "qvgen-demo-w4a4.safetensors"):
         assert (tmp_path / name).is_file(), name

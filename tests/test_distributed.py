@@ -246,6 +246,15 @@ def test_plan_follows_the_accelerate_config(monkeypatch):
     plan = resolve_plan("auto", False, "auto", 8)
     assert (plan.kind, plan.reshard_after_forward, plan.cpu_offload, plan.teacher) == ("fsdp", False, True, "shard")
     assert resolve_plan("ddp", False, "auto", 8).kind == "ddp"  # an explicit choice wins
+    # yes/no variables are read as accelerate reads them (its parse_flag_from_env): 1/yes/on count too
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "1")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "no")
+    plan = resolve_plan("auto", False, "auto", 8)
+    assert (plan.kind, plan.cpu_offload) == ("fsdp", False)
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "maybe")
+    with pytest.raises(ValueError, match=r"FSDP_OFFLOAD_PARAMS='maybe': expected a boolean"):
+        resolve_plan("auto", False, "auto", 8)
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")

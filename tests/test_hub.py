@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from tiny_models import tiny_wan, tiny_wan_pipeline, wan_inputs
 
 import qvgen
@@ -191,6 +192,10 @@ def test_stage_full_pipeline_repo_exact_files_and_card(tmp_path, run_dir, base_d
         "its license carries over: **apache-2.0**",
     ):
         assert needle in card, needle
+    # The Hub reads the metadata with huggingface_hub's parser: the same fields come back.
+    data = ModelCard.load(plan.folder / "README.md").data
+    assert (data.base_model, data.base_model_relation, data.license) == (BASE_ID, "quantized", "apache-2.0")
+    assert {"qvgen", "w4a4", "wan"} <= set(data.tags) and data.pipeline_tag == "text-to-video"
     # The staged folder is the repo: a diffusers pipeline that loads, and a ComfyUI file that validates.
     pipe = DiffusionPipeline.from_pretrained(plan.folder)
     assert isinstance(pipe.transformer.blocks[0].ffn.net[0].proj, qvgen.PackedLinear)

@@ -137,8 +137,7 @@ def _to_fp8_layers(net: nn.Module) -> int:
     for name, m in list(net.named_modules()):
         ok = isinstance(m, PackedLinear) and m.weight_bits <= 4 and m.act_bits is not None and m.act_bits <= 4
         if ok and m.rank == 0 and m.input_signs is None and m.smooth is None:
-            parent, _, child = name.rpartition(".")
-            setattr(net.get_submodule(parent) if parent else net, child, Fp8Linear(m))
+            net.set_submodule(name, Fp8Linear(m))
             swapped += 1
     return swapped
 

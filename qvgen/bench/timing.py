@@ -9,6 +9,12 @@
 - `time_ms` in `kernels.py` is the wall clock on CPU (and host + device per call on CUDA).
 
 Only ratios between functions timed in the same process are meaningful.
+
+Why `graph_device_ms` is not `triton.testing.do_bench_cudagraph`: that replays the calls back to
+back with a warm L2, so a layer whose weights fit in L2 (50 MB on H100) would be timed as if they
+were always cached; in a real model every layer's weights come from HBM. `do_bench` flushes L2 but
+times launch overhead too, so it is the fallback, not the default. The CPU path (`kernels.time_ms`)
+is the wall clock, interleaving the functions so that a shared machine's drift hits all of them.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ from .provenance import environment
 from .report import plot_losses, write_comparison_gif
 from .summary import aggregate, table
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m qvgen.demo",
@@ -143,7 +142,7 @@ def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
 
 
 def _student(fp, cfg: QVGenConfig, dataset: LatentDataset, args: argparse.Namespace):
-    """A converted copy of the teacher; smoothing scales calibrated on a few training clips."""
+    """A converted copy of the teacher; smoothing and static input scales calibrated on a few training clips."""
     model = copy.deepcopy(fp).float().requires_grad_(True)
     batch = torch.stack(dataset.latents[:8]), torch.stack(dataset.texts[:8])
 
@@ -157,6 +156,8 @@ def _student(fp, cfg: QVGenConfig, dataset: LatentDataset, args: argparse.Namesp
             )
 
     convert_model(model, cfg, progress=False, calibrate=calibrate)
+    with torch.no_grad():
+        calibrate(model)  # static input scales (nvfp4) are set by the first inputs a layer sees
     return model
 
 

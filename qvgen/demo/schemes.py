@@ -15,6 +15,7 @@ from ..decay import RankDecaySchedule
 
 # scheme → (short label, config fields, kept ranks: the --svdquant-ranks option or (0,))
 SCHEME_RUNS: dict[str, tuple[str, dict, str | None]] = {
+    "nvfp4": ("nvfp4", dict(input_transform="none"), None),
     "svdquant_w4a4": ("svdquant", dict(act_bits=4, input_transform="smooth", n_buckets=1), "svdquant_ranks"),
     "w4a8_int8": ("w4a8", dict(act_bits=8, input_transform="none", n_buckets=1), None),
 }

@@ -55,6 +55,7 @@ class QVGenQuantizer(DiffusersQuantizer):
         self.compute_dtype: torch.dtype | None = None
         self.keep_in_fp32_modules: list[str] = []
         self.source = ""  # the checkpoint file(s) when diffusers tells us, else the model class
+        self.files: list[Path] = []  # the checkpoint's safetensors files (diffusers >= 0.39 passes them)
 
     # ---- environment and dtype -------------------------------------------------------------
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -101,6 +102,7 @@ class QVGenQuantizer(DiffusersQuantizer):
                     "(pass use_safetensors=True to from_pretrained to have diffusers refuse it before reading)"
                 )
             if files:
+                self.files = files
                 self.source = str(files[0] if len(files) == 1 else files[0].parent)
                 validate_state_dict(_header_tensors(files), self.quantization_config.to_qvgen_config(), self.source)
         return loaded_keys
@@ -180,10 +182,40 @@ class QVGenQuantizer(DiffusersQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if not self.pre_quantized:
             quantize_on_load(model, self)
-        left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        offloaded = _offloaded_tensors(model)  # device_map "disk": accelerate reloads them at each forward
+        left = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in offloaded]
         if left:
             raise CheckpointError(f"{self.source}: tensors not found in the checkpoint: {left[:5]}")
+        self._restore_offloaded_dtypes(model, offloaded)
         return model
+
+    def _restore_offloaded_dtypes(self, model: nn.Module, offloaded: dict[str, Any]) -> None:
+        """Give disk-offloaded packed tensors back their fixed dtype, read exactly from the checkpoint.
+
+        diffusers casts every float tensor to `torch_dtype` before it offloads it to disk (only the
+        tensors it hands to `create_quantized_param` keep theirs); accelerate would cast a bf16 copy
+        back to float32 at each forward, so the scales would silently lose precision. The few
+        affected tensors (scales, zero points, clipping factors: O(out) per layer) are read from the
+        safetensors files and kept in the offload map in memory, where accelerate looks first.
+        """
+        wrong = {}
+        for name, (loader, key) in offloaded.items():
+            owner, _, tensor = name.rpartition(".")
+            fixed = PACKED_TENSORS[tensor].dtype if tensor in PACKED_TENSORS else None
+            if fixed is not None and fixed.is_floating_point and isinstance(model.get_submodule(owner), PackedLinear):
+                if loader[key].dtype != fixed:  # a small tensor (scales, clipping factors), read once
+                    wrong[name] = (loader, key, fixed)
+        if not wrong:
+            return
+        if not self.files:
+            raise CheckpointError(
+                f"{self.source}: offloading QVGen layers to disk with torch_dtype={self.compute_dtype} needs "
+                "diffusers>=0.39 (to re-read their float32 scales); upgrade diffusers, load without torch_dtype, "
+                "or offload with enable_group_offload / enable_sequential_cpu_offload instead"
+            )
+        raw = _read_tensors(self.files, set(wrong))
+        for name, (loader, key, fixed) in wrong.items():
+            loader.state_dict[key] = raw[name].to(fixed)
 
     def _dequantize(self, model: nn.Module) -> nn.Module:
         """Replace every `PackedLinear` by an `nn.Linear` holding `s_w (q_w - z_w)` (+ Φ)."""
@@ -202,8 +234,7 @@ class QVGenQuantizer(DiffusersQuantizer):
                 linear.weight.copy_(module.dequantize_weight(dtype))
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, linear)
+            model.set_submodule(name, linear)
         return model
 
     @property
@@ -213,6 +244,39 @@ class QVGenQuantizer(DiffusersQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _offloaded_tensors(model: nn.Module) -> dict[str, tuple[Any, str]]:
+    """Parameters accelerate keeps off the model (on `meta`): full name -> (offload map, its key)."""
+    out: dict[str, tuple[Any, str]] = {}
+    for mname, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+        for h in hooks:
+            weights = getattr(h, "weights_map", None) if getattr(h, "offload", False) else None
+            if weights is None:
+                continue
+            loader, prefix = getattr(weights, "dataset", weights), getattr(weights, "prefix", "")
+            keys = set(getattr(loader, "all_keys", None) or loader.keys())  # keys only: no tensor is read
+            for pname, p in module.named_parameters(recurse=False):
+                if p.device.type == "meta" and prefix + pname in keys:
+                    out[f"{mname}.{pname}" if mname else pname] = (loader, prefix + pname)
+    return out
+
+
+def _read_tensors(files: list[Path], names: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors `names` exactly as stored in the safetensors `files`."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for k in names.intersection(h.keys()):
+                out[k] = h.get_tensor(k)
+    missing = sorted(names - set(out))
+    if missing:
+        raise CheckpointError(f"{files[0].parent}: tensors not found in the checkpoint: {missing[:5]}")
+    return out
 
 
 def _header_tensors(files: list[Path]) -> dict[str, torch.Tensor]:

@@ -34,11 +34,10 @@ class Scheme:
     - `pack(layer, config, dtype, name)`: the inference layer of a trained `QVGenLinear`;
     - `inference_types`: the classes `shell`/`pack` build;
     - `phi_sees_input`: Φ is applied to the transformed but unquantized input (SVDQuant's low-rank
-      branch) instead of to `x̂` (the paper's Φ);
-    - for `file_format` "comfy": `comfy_format` (the layer's `"format"` in ComfyUI's `QUANT_ALGOS`),
-      `layer_conf(layer, config)` (its `comfy_quant` entry), `from_comfy(name, conf, tensors, linear, dtype)`
-      (check a file's layer and build the inference layer; ValueError naming the tensor otherwise),
-      `export_cast` (exported tensors stored in the export dtype, the others keep the format's dtype).
+      branch) instead of to `x̂` (the paper's Φ).
+
+    How a "comfy" scheme's layers are written to and read from ComfyUI's file is the adapter's
+    (`qvgen.adapters.comfy.native.LAYER_FORMATS`), not the scheme's.
     """
 
     name: str
@@ -52,10 +51,6 @@ class Scheme:
     pack: Callable[[Any, QVGenConfig, torch.dtype, str], nn.Module]
     inference_types: tuple[type[nn.Module], ...]
     phi_sees_input: bool = False
-    comfy_format: str | None = None
-    layer_conf: Callable[[nn.Module, QVGenConfig], dict] | None = None
-    from_comfy: Callable[[str, dict, dict[str, Tensor], nn.Module, torch.dtype], nn.Module] | None = None
-    export_cast: tuple[str, ...] = ("bias",)
 
     def __post_init__(self) -> None:
         if self.file_format not in FILE_FORMATS:

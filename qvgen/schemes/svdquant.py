@@ -41,6 +41,8 @@ GROUP = 64  # the layout's quantization group along K (int4 MMA m16n8k64)
 INT4_MAX = 7
 ABSMAX_MIN = 1e-10
 COMFY_FORMAT = "svdquant_w4a4"
+# exported in the export dtype (comfy-kitchen computes with them in it); the codes keep theirs
+EXPORT_CAST = ("bias", "weight_scale", "weight_proj_down", "weight_proj_up", "weight_smooth_factor")
 
 __all__ = [
     "COMFY_FORMAT",
@@ -367,8 +369,4 @@ SCHEME = Scheme(
     pack=pack,
     inference_types=(SVDQuantLinear,),
     phi_sees_input=True,
-    comfy_format=COMFY_FORMAT,
-    layer_conf=layer_conf,
-    from_comfy=from_comfy,
-    export_cast=("bias", "weight_scale", "weight_proj_down", "weight_proj_up", "weight_smooth_factor"),
 )

@@ -426,7 +426,4 @@ SCHEME = Scheme(
     shell=shell,
     pack=pack,
     inference_types=(W4A8Linear,),
-    comfy_format=COMFY_FORMAT,
-    layer_conf=layer_conf,
-    from_comfy=from_comfy,
 )

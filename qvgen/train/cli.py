@@ -57,18 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(SCHEMES),
         default="qvgen",
         help="qvgen: the paper's W/A quantizers, packed QVGen checkpoint; convrot_w4a4: ComfyUI's native ConvRot "
-        "arithmetic (Hadamard-256 rotation, symmetric int4 per row and per token), exported as one ComfyUI "
-        ".safetensors file that the stock loader runs; svdquant_w4a4: comfy-kitchen's SVDQuant W4A4 (int4 groups "
-        "of 64, smoothing, Φ kept at --final-rank as its low-rank branch); w4a8_int8: comfy-kitchen's grouped "
-        "codebook W4A8 (ComfyUI format asym_w4a8_int8, int8 tokens); both ComfyUI single files (docs/comfyui.md)",
+        "arithmetic (Hadamard-256 rotation, symmetric int4 per row and per token); nvfp4: ComfyUI's NVFP4 (e2m1 "
+        "with fp8 scales per 16 elements, FP4 tensor cores on RTX 50 / B200); svdquant_w4a4: comfy-kitchen's "
+        "SVDQuant W4A4 (int4 groups of 64, smoothing, Φ kept at --final-rank as its low-rank branch); w4a8_int8: "
+        "comfy-kitchen's grouped codebook W4A8 (ComfyUI format asym_w4a8_int8, int8 tokens); all but qvgen are "
+        "exported as one ComfyUI .safetensors file (docs/comfyui.md)",
     )
     q.add_argument(
         "--input-transform",
         choices=TRANSFORMS,
         default=None,
         help="per-layer input transform against activation error (default: smooth for --scheme qvgen, the best "
-        "measured on the demo, and svdquant_w4a4, whose format has it; none for convrot_w4a4 and w4a8_int8, "
-        "which rotate by themselves)",
+        "measured on the demo, and svdquant_w4a4, whose format has it; none for convrot_w4a4, nvfp4 and "
+        "w4a8_int8, which ComfyUI runs without one or which rotate by themselves)",
     )
     q.add_argument("--smooth-alpha", type=float, default=QVGenConfig.smooth_alpha, help="SmoothQuant strength")
     q.add_argument(
@@ -258,12 +259,11 @@ def run(args: argparse.Namespace) -> Path:
         logging.getLogger("qvgen.train").info("%s", report)
         print(f"ComfyUI {qconfig.scheme} checkpoint written to {report.path} (load it with 'Load Diffusion Model')")
         print(report)
-        if args.push_to_hub:
-            _push(args, report.path)
-        return report.path
-    export = save_quantized(result.student, qconfig, export_path(args), dtype=dtype)
-    logging.getLogger("qvgen.train").info("exported %s", export)
-    print(f"QVGen checkpoint written to {export}")
+        export = report.path
+    else:
+        export = save_quantized(result.student, qconfig, export_path(args), dtype=dtype)
+        logging.getLogger("qvgen.train").info("exported %s", export)
+        print(f"QVGen checkpoint written to {export}")
     if args.push_to_hub:
         _push(args, export)
     return export

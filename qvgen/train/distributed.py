@@ -33,6 +33,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import parse_flag_from_env
 from torch import Tensor, nn
 
 from ..decay import RankDecaySchedule
@@ -51,6 +52,14 @@ _NO_SHARD = {"no_shard", "3"}
 
 def _env(name: str) -> str:
     return os.environ.get(name, "").strip().lower()
+
+
+def env_flag(name: str) -> bool:
+    """A yes/no variable of `accelerate launch`, read by accelerate's own parser (true/1/yes/on …)."""
+    try:
+        return parse_flag_from_env(name)
+    except ValueError:
+        raise ValueError(f"{name}={os.environ[name]!r}: expected a boolean (true/false, 1/0, yes/no, on/off)") from None
 
 
 @dataclass(frozen=True)
@@ -103,12 +112,12 @@ def resolve_plan(parallel: str, cpu_offload: bool, teacher: str, world_size: int
 
 def _plan_from_accelerate_env(world_size: int) -> tuple[str, bool, bool, str]:
     """(kind, reshard_after_forward, cpu_offload, source) from the variables `accelerate launch` sets."""
-    if _env("ACCELERATE_USE_FSDP") == "true":
+    if env_flag("ACCELERATE_USE_FSDP"):
         strategy = _env("FSDP_RESHARD_AFTER_FORWARD") or _env("FSDP_SHARDING_STRATEGY") or "true"
         if strategy in _NO_SHARD:
             return "ddp", True, False, "accelerate config (FSDP NO_SHARD)"
-        return "fsdp", strategy not in _NO_RESHARD, _env("FSDP_OFFLOAD_PARAMS") == "true", "accelerate config (FSDP)"
-    if _env("ACCELERATE_USE_DEEPSPEED") == "true":
+        return "fsdp", strategy not in _NO_RESHARD, env_flag("FSDP_OFFLOAD_PARAMS"), "accelerate config (FSDP)"
+    if env_flag("ACCELERATE_USE_DEEPSPEED"):
         raise ValueError(_deepspeed_refusal())
     return ("ddp" if world_size > 1 else "none"), True, False, "process count"
 

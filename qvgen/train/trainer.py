@@ -35,7 +35,14 @@ from ..decay import RankDecaySchedule
 from ..layers import QVGenLinear
 from ..surgery import ConversionReport, convert_model, current_rank
 from ..transforms import uses_smoothing
-from .distributed import PARALLEL_MODES, TEACHER_PLACEMENTS, Engine, meta_student, mixed_precision_from_env
+from .distributed import (
+    PARALLEL_MODES,
+    TEACHER_PLACEMENTS,
+    Engine,
+    env_flag,
+    meta_student,
+    mixed_precision_from_env,
+)
 from .interrupt import StopOnSignal, TrainingInterrupted
 from .memory import MemoryEstimate, estimate_memory
 from .objectives import FlowMatchingObjective, NoisyBatch, predict
@@ -272,7 +279,7 @@ def _init_layers_on(student: nn.Module, config: QVGenConfig, device: torch.devic
 def _gradient_checkpointing(opts: TrainOptions, device: torch.device) -> bool:
     if opts.gradient_checkpointing is not None:
         return opts.gradient_checkpointing
-    return device.type == "cuda" or os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true"
+    return device.type == "cuda" or env_flag("FSDP_ACTIVATION_CHECKPOINTING")
 
 
 def train(

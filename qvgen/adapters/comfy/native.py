@@ -1,28 +1,36 @@
-"""ComfyUI's native checkpoint format for ConvRot W4A4 models: export, inspection and loading.
+"""ComfyUI's native checkpoint format (ConvRot W4A4, NVFP4, SVDQuant W4A4, grouped W4A8): export,
+inspection and loading.
 
-A model trained with `scheme="convrot_w4a4"` is written as one `.safetensors` file that current
-ComfyUI loads with its stock "Load Diffusion Model" node and runs with comfy-kitchen's kernels
-(no custom node). The other schemes with `file_format` "comfy" (`svdquant_w4a4`, `w4a8_int8`)
-are written the same way with their own per-layer tensors and `comfy_quant` entries, which their
-scheme modules describe (`Scheme.layer_conf` / `from_comfy`, docs/comfyui.md). For ConvRot:
+A model trained with a scheme whose file format is "comfy" (`convrot_w4a4`, `nvfp4`,
+`svdquant_w4a4`, `w4a8_int8`) is written as
+one `.safetensors` file that current ComfyUI loads with its stock "Load Diffusion Model" node and
+runs with comfy-kitchen's kernels (no custom node):
 
 - tensors under ComfyUI's Wan names (`blocks.0.self_attn.q.weight`, see `qvgen.adapters.comfy.names`);
 - per quantized layer: `weight` int8 `(out, K/2)` (packed signed int4), `weight_scale` float32
   `(out,)`, `bias` in the export dtype, and `comfy_quant`, a uint8 tensor holding the layer's JSON
   (`{"format": "convrot_w4a4", "convrot_groupsize": 256}`), which ComfyUI's mixed-precision
-  loader reads;
+  loader reads; an `nvfp4` layer has instead `weight` uint8 `(out, K/2)` (packed e2m1), `weight_scale`
+  fp8 e4m3 (block scales, cuBLAS-swizzled), `weight_scale_2` and `input_scale` float32 scalars
+  (`{"format": "nvfp4"}`; see `qvgen.schemes.nvfp4`);
 - header metadata `_quantization_metadata` = `{"format_version": "1.0", "layers": {name: conf}}`,
   the same per-layer entries (ComfyUI's `convert_old_quants` turns it into `comfy_quant` tensors),
   plus QVGen's own `quantization_config` (scheme `convrot_w4a4`) and `model_config`, so
   `qvgen.load_quantized_model` can rebuild the model;
-- every other tensor (norms, patch embedding, layers ComfyUI cannot run as ConvRot because K is
-  not a multiple of 256) in the export dtype, bf16 by default.
+- every other tensor (norms, patch embedding, layers the scheme cannot run: ConvRot needs K a
+  multiple of 256, NVFP4 a multiple of 16) in the export dtype, bf16 by default.
+
+Each ComfyUI layer format is one row of `LAYER_FORMATS`: the scheme that writes it, its
+`comfy_quant` entry, the checks of its tensors, and the PyTorch layer that runs it. SVDQuant's and
+the grouped W4A8's tensors are described in their scheme modules (`qvgen.schemes.svdquant`,
+`qvgen.schemes.w4a8`) and docs/comfyui.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +43,11 @@ from ...atomic import atomic_file
 from ...checkpoint import CheckpointError, jsonable, read_safetensors, unquantized_tensors
 from ...config import FORMAT_VERSION, ConfigError, QVGenConfig
 from ...layers import QVGenLinear
-from ...schemes import SCHEMES, Scheme, convrot, get_scheme
+from ...schemes import convrot, get_scheme, nvfp4, svdquant, w4a8
 from ...schemes.convrot import ConvRotLinear
+from ...schemes.nvfp4 import NVFP4Linear
+from ...schemes.svdquant import SVDQuantLinear
+from ...schemes.w4a8 import W4A8Linear
 from ...surgery import unsupported_reason
 from ..diffusers_models import empty_model
 from .names import comfy_to_diffusers, diffusers_to_comfy, to_comfy_state_dict, to_diffusers_state_dict
@@ -48,7 +59,7 @@ COMFY_QUANT_VERSION = "1.0"
 
 
 class ComfyNativeError(ValueError):
-    """A ConvRot export or a ComfyUI-native file is not what this module expects (names file and tensor)."""
+    """A ComfyUI-native export or file is not what this module expects (names file and tensor)."""
 
 
 @dataclass
@@ -59,12 +70,12 @@ class ComfyExportReport:
     quantized: list[str] = field(default_factory=list)
     full_precision: dict[str, str] = field(default_factory=dict)  # ComfyUI name → reason
     bytes: int = 0
-    format: str = convrot.COMFY_FORMAT
+    layer_format: str = convrot.COMFY_FORMAT
     notes: list[str] = field(default_factory=list)  # what a user of the file should know (runtime caveats)
 
     def __str__(self) -> str:
         text = (
-            f"{self.path}: {len(self.quantized)} {self.format} layers, "
+            f"{self.path}: {len(self.quantized)} {self.layer_format} layers, "
             f"{len(self.full_precision)} linear layers kept in full precision, {self.bytes / 2**20:.1f} MiB"
         )
         for name, why in sorted(self.full_precision.items()):
@@ -72,21 +83,6 @@ class ComfyExportReport:
         for note in self.notes:
             text += f"\n  note: {note}"
         return text
-
-
-def comfy_schemes() -> dict[str, Scheme]:
-    """ComfyUI format name (a layer's `"format"`) → the scheme that writes and reads it."""
-    return {s.comfy_format or s.name: s for s in SCHEMES.values() if s.file_format == "comfy"}
-
-
-def _inference_types() -> tuple[type[nn.Module], ...]:
-    return tuple(t for s in comfy_schemes().values() for t in s.inference_types)
-
-
-def _layer_conf(scheme: Scheme, module: nn.Module, config: QVGenConfig) -> dict:
-    if scheme.layer_conf is not None:
-        return scheme.layer_conf(module, config)
-    return convrot.comfy_layer_conf(config.act_bits)
 
 
 def runtime_notes(config: QVGenConfig) -> list[str]:
@@ -116,9 +112,9 @@ def comfy_native_state_dict(
 ) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str]]:
     """ComfyUI-named tensors, per-layer `comfy_quant` entries, and the linear layers left in full precision."""
 
-    scheme = get_scheme(config.scheme)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (QVGenLinear, *_inference_types()))}
-    confs = {n: _layer_conf(scheme, m, config) for n, m in layers.items()}
+    fmt = scheme_format(config.scheme)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (QVGenLinear, *COMFY_LAYER_TYPES))}
+    confs = {n: fmt.conf(m, config) for n, m in layers.items()}
     out: dict[str, Tensor] = {}
     for name, module in layers.items():
         try:
@@ -127,7 +123,7 @@ def comfy_native_state_dict(
             raise ComfyNativeError(f"layer '{name}': {e}") from None
         for key, t in tensors.items():
             t = t.detach().to("cpu")
-            if key in scheme.export_cast and dtype is not None:
+            if key in fmt.export_cast and dtype is not None:
                 t = t.to(dtype)
             out[f"{name}.{key}"] = t.contiguous().clone()
     out.update(unquantized_tensors(model, layers, dtype))
@@ -140,7 +136,7 @@ def comfy_native_state_dict(
     except ValueError as e:
         raise ComfyNativeError(f"ComfyUI-native export supports Wan 2.1 transformers: {e}") from None
 
-    quant = {diffusers_to_comfy(n): confs[n] for n in layers}
+    quant = {diffusers_to_comfy(n): dict(c) for n, c in confs.items()}
     kept = {diffusers_to_comfy(n): why for n, why in kept.items()}
     for name, c in quant.items():
         out[f"{name}.comfy_quant"] = encode_layer_conf(c)
@@ -169,15 +165,11 @@ def export_comfy(
 
     `model` is a training-form model (`QVGenLinear` layers; Φ at rank 0, or for `svdquant_w4a4`
     at the rank it keeps) or one loaded with `load_comfy_native`. Linear layers the scheme cannot
-    quantize (ConvRot: K not a multiple of 256) were never converted and are stored in `dtype`, as
-    ComfyUI expects of a layer without a `comfy_quant` entry; so are the scheme's `export_cast`
-    tensors (bias; SVDQuant's scales, branch and smoothing), which comfy-kitchen computes with.
+    run were never converted and are stored in `dtype`, as ComfyUI expects of a layer without a
+    `comfy_quant` entry; so are the format's `export_cast` tensors (bias; SVDQuant's scales, branch
+    and smoothing), which comfy-kitchen computes with.
     """
-    from ...surgery import current_rank
-
-    if config.scheme not in SCHEMES or get_scheme(config.scheme).file_format != "comfy":
-        names = sorted(s.name for s in comfy_schemes().values())
-        raise ComfyNativeError(f"export_comfy needs one of the schemes {names}, the config has {config.scheme!r}")
+    fmt = scheme_format(config.scheme)
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ComfyNativeError(f"{path}: a ComfyUI diffusion model is one file ending in .safetensors")
@@ -186,7 +178,7 @@ def export_comfy(
         model_config = dict(getattr(model, "config", {}) or {})
         if model_config:
             model_config.setdefault("_class_name", type(model).__name__)
-    rank = current_rank(model)
+    rank = config.final_rank if get_scheme(config.scheme).phi_sees_input else 0  # a kept low-rank branch
     qconfig = QVGenConfig.from_dict({**config.to_dict(), "current_rank": rank, "format_version": FORMAT_VERSION})
     meta = {
         META_COMFY_QUANT: json.dumps({"format_version": COMFY_QUANT_VERSION, "layers": quant}),
@@ -195,14 +187,13 @@ def export_comfy(
         "format": "pt",
     }
     atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    fmt = get_scheme(config.scheme).comfy_format or config.scheme
-    return ComfyExportReport(path, sorted(quant), kept, path.stat().st_size, fmt, runtime_notes(config))
+    return ComfyExportReport(path, sorted(quant), kept, path.stat().st_size, fmt.name, runtime_notes(config))
 
 
 # ---- reading -------------------------------------------------------------------------------------
 @dataclass
 class ComfyNativeFile:
-    """A ComfyUI-native ConvRot file: tensors (ComfyUI names), per-layer confs, our config if present."""
+    """A ComfyUI-native file: tensors (ComfyUI names), per-layer confs, our config if present."""
 
     path: Path
     state_dict: dict[str, Tensor]
@@ -255,31 +246,38 @@ def _validate_layer(path: Path, state: dict[str, Tensor], name: str, conf: dict)
         raise ComfyNativeError(f"{path}: tensor '{name}.{key}': expected {what}, got {got}")
 
     fmt = conf.get("format")
-    if fmt != convrot.COMFY_FORMAT:
-        known = comfy_schemes()
-        if fmt not in known or known[fmt].from_comfy is None:
-            raise ComfyNativeError(f"{path}: layer '{name}': format {fmt!r}; this loader reads {sorted(known)}")
-        w = state.get(f"{name}.weight")
-        if w is None or w.dtype not in (torch.int8, torch.uint8) or w.dim() != 2:
-            got = "nothing (missing)" if w is None else f"{w.dtype} of shape {tuple(w.shape)}"
-            fail("weight", "a 2-D int8 tensor (packed 4-bit codes)", got)
-        return  # the rest is checked against the model's layer by the scheme's `from_comfy` when loading
+    if fmt not in LAYER_FORMATS:
+        raise ComfyNativeError(f"{path}: layer '{name}': format {fmt!r}; this loader reads {sorted(LAYER_FORMATS)}")
+    why = LAYER_FORMATS[fmt].conf_error(conf)
+    if why:
+        raise ComfyNativeError(f"{path}: layer '{name}': {why}")
+    LAYER_FORMATS[fmt].validate(state, name, fail)
+
+
+def _need(state: dict[str, Tensor], name: str, key: str, fail: Callable[[str, str, Any], None]) -> Tensor:
+    t = state.get(f"{name}.{key}")
+    if t is None:
+        fail(key, "a tensor", "nothing (missing)")
+    return t
+
+
+def _convrot_conf_error(conf: dict) -> str | None:
     group = int(conf.get("convrot_groupsize", convrot.CONVROT_GROUP))
     if group != convrot.CONVROT_GROUP:
-        raise ComfyNativeError(f"{path}: layer '{name}': convrot_groupsize {group}; expected {convrot.CONVROT_GROUP}")
+        return f"convrot_groupsize {group}; expected {convrot.CONVROT_GROUP}"
     if conf.get("linear_dtype", "int4") not in ("int4", "int8"):
-        raise ComfyNativeError(f"{path}: layer '{name}': linear_dtype {conf['linear_dtype']!r}; expected int4 or int8")
-    w = state.get(f"{name}.weight")
-    if w is None:
-        fail("weight", "a tensor", "nothing (missing)")
+        return f"linear_dtype {conf['linear_dtype']!r}; expected int4 or int8"
+    return None
+
+
+def _convrot_validate(state: dict[str, Tensor], name: str, fail: Callable[[str, str, Any], None]) -> None:
+    w = _need(state, name, "weight", fail)
     if w.dtype not in (torch.int8, torch.uint8) or w.dim() != 2:
         fail("weight", "a 2-D int8 tensor (packed int4)", f"{w.dtype} of shape {tuple(w.shape)}")
     k = w.shape[1] * 2
-    if not convrot.supports(k, group):
-        fail("weight", f"K = 2 × columns divisible by {group}", f"K = {k}")
-    s = state.get(f"{name}.weight_scale")
-    if s is None:
-        fail("weight_scale", "a tensor", "nothing (missing)")
+    if not convrot.supports(k, convrot.CONVROT_GROUP):
+        fail("weight", f"K = 2 × columns divisible by {convrot.CONVROT_GROUP}", f"K = {k}")
+    s = _need(state, name, "weight_scale", fail)
     if not s.is_floating_point() or s.numel() != w.shape[0]:
         fail("weight_scale", f"{w.shape[0]} floats (one per output row)", f"{s.dtype} of shape {tuple(s.shape)}")
     b = state.get(f"{name}.bias")
@@ -287,7 +285,124 @@ def _validate_layer(path: Path, state: dict[str, Tensor], name: str, conf: dict)
         fail("bias", f"shape ({w.shape[0]},)", tuple(b.shape))
 
 
+def _nvfp4_validate(state: dict[str, Tensor], name: str, fail: Callable[[str, str, Any], None]) -> None:
+    w = _need(state, name, "weight", fail)
+    if w.dtype != torch.uint8 or w.dim() != 2 or w.shape[0] % nvfp4.BLOCK or (w.shape[1] * 2) % nvfp4.BLOCK:
+        fail("weight", "a 2-D uint8 tensor (packed e2m1, rows and K multiples of 16)", f"{w.dtype} {tuple(w.shape)}")
+    rows, k = w.shape[0], w.shape[1] * 2
+    s = _need(state, name, "weight_scale", fail)
+    want = (nvfp4.roundup(rows, nvfp4.TILE_ROWS), nvfp4.roundup(k // nvfp4.BLOCK, nvfp4.TILE_COLS))
+    if s.dtype not in (torch.float8_e4m3fn, torch.uint8) or tuple(s.shape) != want:
+        fail("weight_scale", f"float8_e4m3fn block scales of shape {want} (swizzled)", f"{s.dtype} {tuple(s.shape)}")
+    for key in ("weight_scale_2", "input_scale"):
+        t = state.get(f"{name}.{key}") if key == "input_scale" else _need(state, name, key, fail)
+        if t is not None and (not t.is_floating_point() or t.numel() != 1):
+            fail(key, "one float (a per-tensor scale)", f"{t.dtype} of shape {tuple(t.shape)}")
+    b = state.get(f"{name}.bias")
+    if b is not None and (b.dim() != 1 or not rows - nvfp4.BLOCK < b.shape[0] <= rows):
+        fail("bias", f"one value per output row ({rows} rows stored, padded to 16)", tuple(b.shape))
+
+
 # ---- loading into a PyTorch model ---------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerFormat:
+    """One ComfyUI layer format (its `"format"` in `comfy_quant`), written by the scheme `scheme`:
+    `conf(layer, config)`, a layer's `comfy_quant` entry; `conf_error` and `validate`, the checks of a
+    layer's entry and tensors in a file; `build(name, linear, conf, tensors, dtype, options)`, the
+    PyTorch layer that runs it (`tensors`: the layer's own tensors in the file; `options`:
+    `load_comfy_native`'s overrides; a ValueError names what does not fit); `export_cast`, the
+    exported tensors stored in the export dtype (the others keep the format's dtype)."""
+
+    name: str
+    scheme: str
+    conf: Callable[[nn.Module, QVGenConfig], dict]
+    conf_error: Callable[[dict], str | None]
+    validate: Callable[[dict[str, Tensor], str, Callable[[str, str, Any], None]], None]
+    build: Callable[[str, nn.Module, dict, dict[str, Tensor], torch.dtype, dict[str, Any]], nn.Module]
+    export_cast: tuple[str, ...] = ("bias",)
+
+
+def _convrot_build(name, linear, conf, tensors, dtype, options) -> nn.Module:
+    bits = options.get("act_bits") or act_bits_of(conf)
+    return ConvRotLinear(linear.in_features, linear.out_features, linear.bias is not None, bits, dtype)
+
+
+def _nvfp4_build(name, linear, conf, tensors, dtype, options) -> nn.Module:
+    q = options.get("quantize_input")
+    return NVFP4Linear(
+        linear.in_features,
+        linear.out_features,
+        linear.bias is not None,
+        dtype,
+        input_scale="input_scale" in tensors,
+        quantize_input=True if q is None else q,
+    )
+
+
+def _packed_weight_validate(state: dict[str, Tensor], name: str, fail: Callable[[str, str, Any], None]) -> None:
+    """The file-level check of SVDQuant / W4A8 layers; their scheme's `from_comfy` checks the rest
+    against the model's layer when loading."""
+    w = _need(state, name, "weight", fail)
+    if w.dtype not in (torch.int8, torch.uint8) or w.dim() != 2:
+        fail("weight", "a 2-D int8 tensor (packed 4-bit codes)", f"{w.dtype} of shape {tuple(w.shape)}")
+
+
+def _from_scheme(from_comfy: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    return lambda name, linear, conf, tensors, dtype, options: from_comfy(name, conf, tensors, linear, dtype)
+
+
+LAYER_FORMATS: dict[str, LayerFormat] = {
+    f.name: f
+    for f in (
+        LayerFormat(
+            convrot.COMFY_FORMAT,
+            "convrot_w4a4",
+            lambda layer, c: convrot.comfy_layer_conf(c.act_bits),
+            _convrot_conf_error,
+            _convrot_validate,
+            _convrot_build,
+        ),
+        LayerFormat(
+            nvfp4.COMFY_FORMAT,
+            "nvfp4",
+            lambda layer, c: nvfp4.comfy_layer_conf(c),
+            lambda conf: None,
+            _nvfp4_validate,
+            _nvfp4_build,
+        ),
+        LayerFormat(
+            svdquant.COMFY_FORMAT,
+            "svdquant_w4a4",
+            svdquant.layer_conf,
+            lambda conf: None,
+            _packed_weight_validate,
+            _from_scheme(svdquant.from_comfy),
+            svdquant.EXPORT_CAST,
+        ),
+        LayerFormat(
+            w4a8.COMFY_FORMAT,
+            w4a8.SCHEME_NAME,
+            w4a8.layer_conf,
+            lambda conf: None,
+            _packed_weight_validate,
+            _from_scheme(w4a8.from_comfy),
+        ),
+    )
+}
+COMFY_LAYER_TYPES = (ConvRotLinear, NVFP4Linear, SVDQuantLinear, W4A8Linear)
+_BY_SCHEME = {f.scheme: f for f in LAYER_FORMATS.values()}
+
+
+def scheme_format(scheme: str) -> LayerFormat:
+    """The ComfyUI layer format a scheme exports to."""
+    try:
+        return _BY_SCHEME[scheme]
+    except KeyError:
+        raise ComfyNativeError(
+            f"scheme {scheme!r} has no ComfyUI layer format; expected one of {sorted(_BY_SCHEME)}"
+        ) from None
+
+
 def act_bits_of(conf: dict) -> int:
     """Token bits a layer runs with: 8 when flagged `linear_dtype: "int8"`, else 4 (int4 MMA, eager)."""
     return 8 if conf.get("linear_dtype") == "int8" else 4
@@ -300,13 +415,16 @@ def load_comfy_native(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     act_bits: int | None = None,
+    quantize_input: bool | None = None,
 ) -> nn.Module:
-    """Run a ComfyUI-native file in PyTorch: each quantized layer becomes its scheme's inference layer
-    (`ConvRotLinear`, `SVDQuantLinear`, `W4A8Linear`), with dequantized (or exact integer) compute.
+    """Run a ComfyUI-native file in PyTorch: each quantized layer becomes its format's inference layer
+    (`ConvRotLinear`, `NVFP4Linear`, `SVDQuantLinear`, `W4A8Linear`).
 
     `model` is an (empty) diffusers Wan transformer to fill; without it the model is built from
-    the file's `model_config` (written by `export_comfy`). `act_bits` overrides the token bits
-    (default: what each layer's entry says — 4, or 8 for `linear_dtype: "int8"`).
+    the file's `model_config` (written by `export_comfy`). `act_bits` overrides ConvRot's token bits
+    (default: what each layer's entry says — 4, or 8 for `linear_dtype: "int8"`). `quantize_input`
+    (NVFP4): True (default) quantizes inputs as ComfyUI does on FP4 GPUs (RTX 50, B200); False is
+    what ComfyUI computes on every other device (dequantized weight, unquantized input).
     """
     f = read_comfy_native(path)
     if model is None:
@@ -320,30 +438,32 @@ def load_comfy_native(
         except AttributeError:
             raise ComfyNativeError(f"{f.path}: layer '{comfy_name}' ({name}) is not in the model") from None
         k = state[f"{name}.weight"].shape[1] * 2
-        if (linear.in_features, linear.out_features) != (k, state[f"{name}.weight"].shape[0]):
+        if linear.in_features != k:
             raise ComfyNativeError(
                 f"{f.path}: tensor '{comfy_name}.weight': expected a layer {linear.in_features}→"
-                f"{linear.out_features}, got K={k}, out={state[f'{name}.weight'].shape[0]}"
+                f"{linear.out_features}, got K={k}"
             )
-        scheme = comfy_schemes()[conf["format"]]
-        if scheme.from_comfy is None:
-            layer = ConvRotLinear(k, linear.out_features, linear.bias is not None, act_bits or act_bits_of(conf), dtype)
-        else:
-            own = {key[len(name) + 1 :]: t for key, t in state.items() if key.rpartition(".")[0] == name}
-            try:
-                layer = scheme.from_comfy(comfy_name, conf, own, linear, dtype)
-            except ValueError as e:
-                raise ComfyNativeError(f"{f.path}: {e}") from None
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        own = {key[len(name) + 1 :]: t for key, t in state.items() if key.rpartition(".")[0] == name}
+        options = {"act_bits": act_bits, "quantize_input": quantize_input}
+        try:
+            layer = LAYER_FORMATS[conf["format"]].build(comfy_name, linear, conf, own, dtype, options)
+        except ValueError as e:
+            raise ComfyNativeError(f"{f.path}: {e}") from None
+        model.set_submodule(name, layer)
     _load_strict(model, state, f.path)
     model.to(device=device)
     for m in model.modules():  # full-precision tensors follow the compute dtype; codes and scales keep theirs
-        keep = ("weight_scale",) if isinstance(m, ConvRotLinear) else getattr(m, "keep_dtype", ())
         for pname, p in list(m.named_parameters(recurse=False)):
-            if p.is_floating_point() and pname not in keep:
+            if p.is_floating_point() and pname not in _keep_dtype(m):
                 setattr(m, pname, nn.Parameter(p.data.to(dtype), requires_grad=False))
     return model.eval()
+
+
+def _keep_dtype(m: nn.Module) -> tuple[str, ...]:
+    """Tensors of a quantized layer whose stored dtype is part of the format (scales), not the compute dtype."""
+    if isinstance(m, ConvRotLinear):
+        return ("weight_scale",)
+    return getattr(m, "keep_dtype", ())
 
 
 def _build_model(f: ComfyNativeFile) -> nn.Module:
@@ -369,7 +489,8 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], path: Path) -> None
     fixed = {}
     for k, v in state.items():
         want = expected[k].dtype
-        fixed[k] = v.view(torch.int8) if want == torch.int8 and v.dtype == torch.uint8 else v.to(want)
+        raw = v.dtype == torch.uint8 and want in (torch.int8, torch.float8_e4m3fn)  # bytes stored as uint8
+        fixed[k] = v.view(want) if raw else v.to(want)
     model.load_state_dict(fixed, strict=True, assign=True)
 
 
@@ -377,7 +498,6 @@ def is_comfy_native(meta: dict[str, str]) -> bool:
     """Whether safetensors metadata marks a ComfyUI-native file written by `export_comfy`."""
     raw = meta.get(META_QCONFIG)
     try:
-        scheme = json.loads(raw).get("scheme") if raw is not None else None
-        return scheme in SCHEMES and get_scheme(scheme).file_format == "comfy"
+        return raw is not None and json.loads(raw).get("scheme") in _BY_SCHEME
     except (json.JSONDecodeError, AttributeError):
         return False
