@@ -119,7 +119,7 @@ def test_export_load_round_trip_matches_fake_quant(scheme, tmp_path):
     with torch.no_grad():
         ref = model(x, t, e, return_dict=False)[0]
     rep = export_comfy(model, cfg, tmp_path / "wan.safetensors", dtype=torch.float32)
-    assert rep.format == ("asym_w4a8_int8" if scheme == "w4a8_int8" else scheme) and rep.format in str(rep)
+    assert rep.layer_format == ("asym_w4a8_int8" if scheme == "w4a8_int8" else scheme) and rep.layer_format in str(rep)
     loaded = load_quantized_model(tmp_path / "wan.safetensors")
     assert isinstance(loaded.blocks[0].attn1.to_q, LAYERS[scheme])
     with torch.no_grad():
@@ -268,8 +268,8 @@ def test_hub_push_stages_the_native_file_with_its_card(scheme, tmp_path, monkeyp
     assert (staged / "comfyui/wan-tiny-x.safetensors").read_bytes() == export.read_bytes()
     card = (staged / "README.md").read_text()
     fmt = "asym_w4a8_int8" if scheme == "w4a8_int8" else scheme
-    assert f"ComfyUI native `{fmt}`" in card and "Load Diffusion Model" in card
-    assert "qvgen.load_quantized_model(path, dtype=torch.bfloat16)" in card
+    assert f"ComfyUI-native `{fmt}`" in card and "Load Diffusion Model" in card
+    assert "qvgen.load_quantized_model(hf_hub_download(" in card
     assert ("kept as the layer's low-rank branch" in card) == (scheme == "svdquant_w4a4")
 
 

@@ -33,6 +33,7 @@ from .provenance import environment
 from .report import plot_losses, write_comparison_gif
 from .summary import aggregate, table
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m qvgen.demo",
