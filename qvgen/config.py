@@ -38,6 +38,7 @@ class QVGenConfig:
     weight_bits: int = 4
     act_bits: int | None = 4
     rank: int = 32
+    final_rank: int = 0  # rank Φ decays to and keeps (> 0: shipped as a low-rank branch, e.g. SVDQuant's)
     decay_factor: float = 0.5
     phase_steps: int = 444
     n_buckets: int = 50
@@ -81,6 +82,7 @@ class QVGenConfig:
         _check_int("n_buckets", self.n_buckets, 1, 100_000)
         _check_int("phase_steps", self.phase_steps, 1, 10**9)
         _check_int("num_train_timesteps", self.num_train_timesteps, 1, 10**9)
+        _check_int("final_rank", self.final_rank, 0, self.rank)
         if self.current_rank is not None:
             _check_int("current_rank", self.current_rank, 0, self.rank)
         if not 0.0 < self.decay_factor < 1.0:

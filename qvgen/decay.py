@@ -18,22 +18,25 @@ from .layers import QVGenLinear
 
 @dataclass(frozen=True)
 class RankDecaySchedule:
+    """`final_rank` > 0 stops the decay there (e.g. 32 → 16 → 8 and 8 kept): Φ ships as a low-rank branch."""
+
     initial_rank: int = 32
     phase_steps: int = 444
     factor: float = 0.5
+    final_rank: int = 0
 
     @property
     def phase_ranks(self) -> list[int]:
-        """Rank at the start of each phase: [32, 16, 8, 4, 2, 1] for the defaults."""
+        """Rank at the start of each phase: [32, 16, 8, 4, 2, 1] for the defaults ([32, 16] for final rank 8)."""
         ranks, r = [], self.initial_rank
-        while r > 0:
+        while r > self.final_rank:
             ranks.append(r)
-            r = int(r * self.factor)
+            r = max(int(r * self.factor), self.final_rank)
         return ranks
 
     @property
     def total_steps(self) -> int:
-        """Step from which Φ has rank 0."""
+        """Step from which Φ has its final rank."""
         return len(self.phase_ranks) * self.phase_steps
 
     def phase(self, step: int) -> tuple[int, int]:
@@ -44,13 +47,13 @@ class RankDecaySchedule:
         """Components alive (mask > 0) at `step`."""
         p, _ = self.phase(step)
         ranks = self.phase_ranks
-        return ranks[p] if p < len(ranks) else 0
+        return ranks[p] if p < len(ranks) else min(self.final_rank, self.initial_rank)
 
     def kept_at(self, step: int) -> int:
         """Components that survive the current phase (the upper half)."""
         p, _ = self.phase(step)
         ranks = self.phase_ranks
-        return ranks[p + 1] if p + 1 < len(ranks) else 0
+        return ranks[p + 1] if p + 1 < len(ranks) else min(self.final_rank, self.initial_rank)
 
     def alpha(self, k: int) -> float:
         """Cosine fade factor `(1 + cos(π k / T)) / 2` of the lower half at step k of a phase."""

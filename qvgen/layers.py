@@ -218,19 +218,23 @@ class QVGenLinear(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
     def quantize_input(self, x: Tensor) -> Tensor:
         """`x̂`, in `x`'s dtype: transform and quantize in fp32 (as the kernels do), then cast back."""
-        v = self.transform_input(x)
+        return self._quantize_transformed(self.transform_input(x)).to(x.dtype)
+
+    def _quantize_transformed(self, v: Tensor) -> Tensor:
         if self.act_quantizer is not None and self.quantize_acts:
             v = self.act_quantizer(v, bucket_of(self.timestep_state))
-        return v.to(x.dtype)
+        return v
 
     def forward(self, x: Tensor) -> Tensor:
-        x_hat = self.quantize_input(x)
+        v = self.transform_input(x)
+        x_hat = self._quantize_transformed(v).to(x.dtype)
         w = self.effective_weight()
         w_hat = self.weight_quantizer(w) if self.quantize_weights else w
         bias = None if self.bias is None else self.bias.to(x_hat.dtype)
         y = F.linear(x_hat, w_hat.to(x_hat.dtype), bias)
         if self.phi_down is not None:
-            down = F.linear(x_hat, self.phi_down.to(x_hat.dtype)) * self.phi_mask.to(x_hat.dtype)
+            phi_in = v.to(x_hat.dtype) if self.scheme.phi_sees_input else x_hat
+            down = F.linear(phi_in, self.phi_down.to(x_hat.dtype)) * self.phi_mask.to(x_hat.dtype)
             y = y + F.linear(down, self.phi_up.to(x_hat.dtype))
         return y
 

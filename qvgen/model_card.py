@@ -34,6 +34,18 @@ COMFY_NATIVE = {
         "tensor cores (RTX 50, B200); other devices run the layers with unquantized inputs",
         "ComfyUI-native `nvfp4` (comfy-kitchen `TensorCoreNVFP4Layout`)",
     ),
+    "svdquant_w4a4": (
+        "4-bit integers, signed, learned scale per group of 64 inputs, after learned SmoothQuant smoothing",
+        "4-bit per token and group of 64, dynamic absmax",
+        "ComfyUI-native `svdquant_w4a4` (comfy-kitchen `TensorCoreSVDQuantW4A4Layout`); needs a ComfyUI that "
+        "registers it (not 0.29)",
+    ),
+    "w4a8_int8": (
+        "4-bit codes into comfy-kitchen's 16-level codebook, fp8 scale per group of 16 and fp32 scale per row "
+        "(both learned), ConvRot rotated",
+        "8-bit per token, dynamic absmax, same rotation",
+        "ComfyUI-native `asym_w4a8_int8` (comfy-kitchen `AsymW4A8Int8Layout`), ComfyUI >= 0.31",
+    ),
 }
 
 PIPELINE_FOR_TRANSFORMER = {
@@ -194,7 +206,12 @@ def _comfy_native_body(info: CardInfo, name: str, base_link: str) -> str:
     weights, acts, fmt = COMFY_NATIVE[c.scheme]
     rows = [("weights", weights), ("activations", acts), ("quantized layers", _patterns(c.modules_to_convert))]
     rows += [("kept in full precision", _patterns(c.modules_to_not_convert) if c.modules_to_not_convert else "none")]
-    rows += [("auxiliary module Φ", "decayed to rank 0 during training (removed)"), ("format", fmt)]
+    phi = (
+        f"rank {c.current_rank}, kept as the layer's low-rank branch (`proj_down` / `proj_up`)"
+        if c.current_rank
+        else "decayed to rank 0 during training (removed)"
+    )
+    rows += [("auxiliary module Φ", phi), ("format", fmt)]
     rows += [(label, _size(n)) for label, n in info.sizes.items()]
     fname = info.single_file.split("/")[-1]
     parts = [

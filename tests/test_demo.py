@@ -17,10 +17,11 @@ def test_default_grid_and_seeds():
     args = run.build_parser().parse_args([])
     names = set(run._configs(args))
     base = {"PTQ", "QAT", "QVGen"}
-    # the default grid: none and smooth, and the NVFP4 scheme (its own PTQ / QAT / QVGen rows)
-    assert names == base | {f"{b}+smooth" for b in base} | {f"{b}@nvfp4" for b in base}
-    assert run._configs(args)["QVGen@nvfp4"].scheme == "nvfp4"
-    assert set(run._configs(run.build_parser().parse_args(["--schemes", ""]))) == names - {f"{b}@nvfp4" for b in base}
+    # the default grid: none and smooth; --schemes adds each ComfyUI-native scheme's PTQ / QAT / QVGen rows
+    assert names == base | {f"{b}+smooth" for b in base}
+    with_nvfp4 = run._configs(run.build_parser().parse_args(["--schemes", "nvfp4"]))
+    assert set(with_nvfp4) == names | {f"{b} nvfp4" for b in base}
+    assert with_nvfp4["QVGen nvfp4"].scheme == "nvfp4"
     assert args.seeds == [0]  # one seed by default: the default run stays within minutes
     assert run.build_parser().parse_args(["--seeds", "0,1,2"]).seeds == [0, 1, 2]
     with pytest.raises(SystemExit):

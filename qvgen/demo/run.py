@@ -27,17 +27,11 @@ from ..decay import RankDecaySchedule
 from ..quantizers import ZERO_POINT_GRADS
 from ..surgery import convert_model
 from ..train import LatentDataset, TrainOptions, train
-from . import shapes, teacher, text
+from . import schemes, shapes, teacher, text
 from .evaluate import EvalSet, mse, predictions, velocity_errors
 from .provenance import environment
 from .report import plot_losses, write_comparison_gif
 from .summary import aggregate, table
-
-# ComfyUI-native schemes compared beside the paper's int4 per-token W4A4: name → config fields. Each gets
-# its own PTQ / QAT / QVGen rows ("PTQ@nvfp4", …); PTQ is the format's own quantizer (round to nearest).
-SCHEME_COLUMNS: dict[str, dict[str, Any]] = {
-    "nvfp4": dict(scheme="nvfp4", input_transform="none"),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,12 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=["none", "smooth"],
         help="input transforms to compare, comma-separated: none,hadamard,smooth,smooth_hadamard "
         "(none always runs; smooth measured best, see README)",
-    )
-    p.add_argument(
-        "--schemes",
-        type=lambda v: [x for x in v.split(",") if x],
-        default=list(SCHEME_COLUMNS),
-        help=f"ComfyUI-native schemes to compare as well, comma-separated: {','.join(SCHEME_COLUMNS)} ('' for none)",
     )
     p.add_argument(
         "--train-transform",
@@ -115,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse the training runs already in --output/runs (same settings): a finished student is loaded, "
         "not retrained, so an interrupted multi-seed run is completed by running the same command again",
     )
+    schemes.add_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -157,13 +146,7 @@ def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
         out[f"PTQ{suffix}"] = QVGenConfig(rank=0, **base)
         out[f"QAT{suffix}"] = QVGenConfig(rank=0, **base)
         out[f"QVGen{suffix}"] = QVGenConfig(rank=args.rank, phase_steps=max(1, args.steps // phases), **base)
-    for scheme in args.schemes:
-        if scheme not in SCHEME_COLUMNS:
-            raise ValueError(f"--schemes: {scheme!r} is not one of {list(SCHEME_COLUMNS)}")
-        base = dict(n_buckets=10, modules_to_not_convert=list(args.keep), **SCHEME_COLUMNS[scheme])
-        out[f"PTQ@{scheme}"] = QVGenConfig(rank=0, **base)
-        out[f"QAT@{scheme}"] = QVGenConfig(rank=0, **base)
-        out[f"QVGen@{scheme}"] = QVGenConfig(rank=args.rank, phase_steps=max(1, args.steps // phases), **base)
+    out.update(schemes.scheme_configs(args, base))  # --schemes: ComfyUI's other native formats
     return out
 
 

@@ -32,7 +32,12 @@ class Scheme:
     - `export(layer)`: a trained `QVGenLinear`'s tensors in the scheme's file format;
     - `shell(linear, config, rank, dtype, device)`: an empty inference layer shaped like `linear`;
     - `pack(layer, config, dtype, name)`: the inference layer of a trained `QVGenLinear`;
-    - `inference_types`: the classes `shell`/`pack` build.
+    - `inference_types`: the classes `shell`/`pack` build;
+    - `phi_sees_input`: Φ is applied to the transformed but unquantized input (SVDQuant's low-rank
+      branch) instead of to `x̂` (the paper's Φ).
+
+    How a "comfy" scheme's layers are written to and read from ComfyUI's file is the adapter's
+    (`qvgen.adapters.comfy.native.LAYER_FORMATS`), not the scheme's.
     """
 
     name: str
@@ -45,6 +50,7 @@ class Scheme:
     shell: Callable[[nn.Module, QVGenConfig, int, torch.dtype, torch.device | str], nn.Module]
     pack: Callable[[Any, QVGenConfig, torch.dtype, str], nn.Module]
     inference_types: tuple[type[nn.Module], ...]
+    phi_sees_input: bool = False
 
     def __post_init__(self) -> None:
         if self.file_format not in FILE_FORMATS:

@@ -58,15 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="qvgen",
         help="qvgen: the paper's W/A quantizers, packed QVGen checkpoint; convrot_w4a4: ComfyUI's native ConvRot "
         "arithmetic (Hadamard-256 rotation, symmetric int4 per row and per token); nvfp4: ComfyUI's NVFP4 (e2m1 "
-        "with fp8 scales per 16 elements, FP4 tensor cores on RTX 50 / B200); both exported as one ComfyUI "
-        ".safetensors file that the stock loader runs",
+        "with fp8 scales per 16 elements, FP4 tensor cores on RTX 50 / B200); svdquant_w4a4: comfy-kitchen's "
+        "SVDQuant W4A4 (int4 groups of 64, smoothing, Φ kept at --final-rank as its low-rank branch); w4a8_int8: "
+        "comfy-kitchen's grouped codebook W4A8 (ComfyUI format asym_w4a8_int8, int8 tokens); all but qvgen are "
+        "exported as one ComfyUI .safetensors file (docs/comfyui.md)",
     )
     q.add_argument(
         "--input-transform",
         choices=TRANSFORMS,
         default=None,
         help="per-layer input transform against activation error (default: smooth for --scheme qvgen, the best "
-        "measured on the demo; none for convrot_w4a4 and nvfp4, which ComfyUI runs without one)",
+        "measured on the demo, and svdquant_w4a4, whose format has it; none for convrot_w4a4, nvfp4 and "
+        "w4a8_int8, which ComfyUI runs without one or which rotate by themselves)",
     )
     q.add_argument("--smooth-alpha", type=float, default=QVGenConfig.smooth_alpha, help="SmoothQuant strength")
     q.add_argument(
@@ -91,9 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--weight-bits", type=int, default=4)
     q.add_argument(
-        "--act-bits", type=int, default=4, help="0 for weight-only quantization (convrot_w4a4: 4, or 8 for int8 tokens)"
+        "--act-bits",
+        type=int,
+        default=None,
+        help="0 for weight-only quantization (default 4; w4a8_int8: 8; convrot_w4a4: 4, or 8 for int8 tokens)",
     )
     q.add_argument("--rank", type=int, default=32, help="initial rank of the auxiliary module Φ (0: plain QAT)")
+    q.add_argument(
+        "--final-rank",
+        type=int,
+        default=0,
+        help="rank Φ decays to and keeps (svdquant_w4a4: shipped as its proj_down/proj_up branch; 0 elsewhere)",
+    )
     q.add_argument("--decay-factor", type=float, default=0.5, help="rank multiplier at each phase boundary")
     q.add_argument("--phase-steps", type=int, default=None, help="steps per decay phase (default: Φ ends at rank 0)")
     q.add_argument("--buckets", type=int, default=50, help="timestep buckets for activation clipping")
@@ -160,13 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quant_config(args: argparse.Namespace) -> QVGenConfig:
-    n_phases = len(RankDecaySchedule(args.rank, 1, args.decay_factor).phase_ranks) or 1
+    n_phases = len(RankDecaySchedule(args.rank, 1, args.decay_factor, args.final_rank).phase_ranks) or 1
     phase = args.phase_steps or max(1, math.floor(args.steps / n_phases))
-    transform = args.input_transform or ("smooth" if args.scheme == "qvgen" else "none")
+    transform = args.input_transform or ("smooth" if args.scheme in ("qvgen", "svdquant_w4a4") else "none")
+    act_bits = args.act_bits if args.act_bits is not None else (8 if args.scheme == "w4a8_int8" else 4)
     return QVGenConfig(
         weight_bits=args.weight_bits,
-        act_bits=args.act_bits or None,
+        act_bits=act_bits or None,
         rank=args.rank,
+        final_rank=args.final_rank,
         decay_factor=args.decay_factor,
         phase_steps=phase,
         n_buckets=args.buckets,
@@ -182,7 +196,7 @@ def quant_config(args: argparse.Namespace) -> QVGenConfig:
 
 
 def export_path(args: argparse.Namespace) -> Path:
-    """Where the export goes: the `transformer` folder, or ComfyUI's single file (ConvRot, NVFP4)."""
+    """Where the export goes: the `transformer` folder, or ComfyUI's single file for its native schemes."""
     if get_scheme(args.scheme).file_format == "comfy":
         return args.output / "comfyui" / f"diffusion_model_{args.scheme}.safetensors"
     return args.output / "transformer"
@@ -252,21 +266,24 @@ def run(args: argparse.Namespace) -> Path:
         report = export_comfy(result.student, qconfig, export_path(args), dtype=dtype)
         logging.getLogger("qvgen.train").info("%s", report)
         print(f"ComfyUI {qconfig.scheme} checkpoint written to {report.path} (load it with 'Load Diffusion Model')")
+        print(report)
         export = report.path
     else:
         export = save_quantized(result.student, qconfig, export_path(args), dtype=dtype)
         logging.getLogger("qvgen.train").info("exported %s", export)
         print(f"QVGen checkpoint written to {export}")
     if args.push_to_hub:
-        from ..hub import HubError, push_training_output
-
-        try:
-            push_training_output(args.output, args.push_to_hub, base_model=args.model, private=args.private)
-        except HubError as e:  # the export is on disk; only the upload failed
-            raise ValueError(
-                f"--push-to-hub: {e}; the checkpoint is in {export}, push it later with qvgen.hub"
-            ) from None
+        _push(args, export)
     return export
+
+
+def _push(args: argparse.Namespace, export: Path) -> None:
+    from ..hub import HubError, push_training_output
+
+    try:
+        push_training_output(args.output, args.push_to_hub, base_model=args.model, private=args.private)
+    except HubError as e:  # the export is on disk; only the upload failed
+        raise ValueError(f"--push-to-hub: {e}; the checkpoint is in {export}, push it later with qvgen.hub") from None
 
 
 def main(argv: list[str] | None = None) -> int:

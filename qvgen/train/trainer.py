@@ -365,7 +365,7 @@ def _train(
     model = engine.wrap_student(student)
     student = engine.unwrap(model)
     teacher = engine.place_teacher(teacher)
-    schedule = RankDecaySchedule(config.rank, config.phase_steps, config.decay_factor)
+    schedule = RankDecaySchedule(config.rank, config.phase_steps, config.decay_factor, config.final_rank)
     optimizer, scheduler = make_optimizer(student, opts)
     if ckpt is not None:
         if main:

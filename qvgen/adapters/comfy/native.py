@@ -1,6 +1,8 @@
-"""ComfyUI's native checkpoint format (ConvRot W4A4, NVFP4 models): export, inspection and loading.
+"""ComfyUI's native checkpoint format (ConvRot W4A4, NVFP4, SVDQuant W4A4, grouped W4A8): export,
+inspection and loading.
 
-A model trained with a scheme whose file format is "comfy" (`convrot_w4a4`, `nvfp4`) is written as
+A model trained with a scheme whose file format is "comfy" (`convrot_w4a4`, `nvfp4`,
+`svdquant_w4a4`, `w4a8_int8`) is written as
 one `.safetensors` file that current ComfyUI loads with its stock "Load Diffusion Model" node and
 runs with comfy-kitchen's kernels (no custom node):
 
@@ -18,8 +20,10 @@ runs with comfy-kitchen's kernels (no custom node):
 - every other tensor (norms, patch embedding, layers the scheme cannot run: ConvRot needs K a
   multiple of 256, NVFP4 a multiple of 16) in the export dtype, bf16 by default.
 
-Each ComfyUI layer format is one row of `LAYER_FORMATS`: its `comfy_quant` entry, the checks of its
-tensors, and the PyTorch layer that runs it.
+Each ComfyUI layer format is one row of `LAYER_FORMATS`: the scheme that writes it, its
+`comfy_quant` entry, the checks of its tensors, and the PyTorch layer that runs it. SVDQuant's and
+the grouped W4A8's tensors are described in their scheme modules (`qvgen.schemes.svdquant`,
+`qvgen.schemes.w4a8`) and docs/comfyui.md.
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ from ...atomic import atomic_file
 from ...checkpoint import CheckpointError, jsonable, read_safetensors, unquantized_tensors
 from ...config import FORMAT_VERSION, ConfigError, QVGenConfig
 from ...layers import QVGenLinear
-from ...schemes import convrot, get_scheme, nvfp4
+from ...schemes import convrot, get_scheme, nvfp4, svdquant, w4a8
 from ...schemes.convrot import ConvRotLinear
 from ...schemes.nvfp4 import NVFP4Linear
+from ...schemes.svdquant import SVDQuantLinear
+from ...schemes.w4a8 import W4A8Linear
 from ...surgery import unsupported_reason
 from ..diffusers_models import empty_model
 from .names import comfy_to_diffusers, diffusers_to_comfy, to_comfy_state_dict, to_diffusers_state_dict
@@ -65,6 +71,7 @@ class ComfyExportReport:
     full_precision: dict[str, str] = field(default_factory=dict)  # ComfyUI name → reason
     bytes: int = 0
     layer_format: str = convrot.COMFY_FORMAT
+    notes: list[str] = field(default_factory=list)  # what a user of the file should know (runtime caveats)
 
     def __str__(self) -> str:
         text = (
@@ -73,7 +80,20 @@ class ComfyExportReport:
         )
         for name, why in sorted(self.full_precision.items()):
             text += f"\n  full precision: {name} ({why})"
+        for note in self.notes:
+            text += f"\n  note: {note}"
         return text
+
+
+def runtime_notes(config: QVGenConfig) -> list[str]:
+    """Caveats of running the file in ComfyUI, printed with the export report (docs/comfyui.md)."""
+    if config.scheme == "convrot_w4a4" and config.act_bits == 8:
+        return [
+            "linear_dtype 'int8' is honoured by comfy-kitchen's CUDA backend only (torch built for CUDA >= 13); "
+            "its eager backend (CPU, and GPUs where ComfyUI disables the CUDA backend) ignores it and quantizes "
+            "tokens to int4, further from the trained model. --scheme w4a8_int8 runs int8 tokens on every backend."
+        ]
+    return []
 
 
 # ---- export --------------------------------------------------------------------------------------
@@ -92,8 +112,9 @@ def comfy_native_state_dict(
 ) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str]]:
     """ComfyUI-named tensors, per-layer `comfy_quant` entries, and the linear layers left in full precision."""
 
+    fmt = scheme_format(config.scheme)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (QVGenLinear, *COMFY_LAYER_TYPES))}
-    conf = layer_format(config.scheme).conf(config)
+    confs = {n: fmt.conf(m, config) for n, m in layers.items()}
     out: dict[str, Tensor] = {}
     for name, module in layers.items():
         try:
@@ -102,7 +123,7 @@ def comfy_native_state_dict(
             raise ComfyNativeError(f"layer '{name}': {e}") from None
         for key, t in tensors.items():
             t = t.detach().to("cpu")
-            if key == "bias" and dtype is not None:
+            if key in fmt.export_cast and dtype is not None:
                 t = t.to(dtype)
             out[f"{name}.{key}"] = t.contiguous().clone()
     out.update(unquantized_tensors(model, layers, dtype))
@@ -115,7 +136,7 @@ def comfy_native_state_dict(
     except ValueError as e:
         raise ComfyNativeError(f"ComfyUI-native export supports Wan 2.1 transformers: {e}") from None
 
-    quant = {diffusers_to_comfy(n): dict(conf) for n in layers}
+    quant = {diffusers_to_comfy(n): dict(c) for n, c in confs.items()}
     kept = {diffusers_to_comfy(n): why for n, why in kept.items()}
     for name, c in quant.items():
         out[f"{name}.comfy_quant"] = encode_layer_conf(c)
@@ -140,18 +161,15 @@ def export_comfy(
     model_config: dict[str, Any] | None = None,
     dtype: torch.dtype | None = torch.bfloat16,
 ) -> ComfyExportReport:
-    """Write a `convrot_w4a4` or `nvfp4` model as one ComfyUI-native `.safetensors` file (atomically).
+    """Write a model of a ComfyUI-native scheme as one `.safetensors` file (atomically).
 
-    `model` is a training-form model (`QVGenLinear` layers with Φ at rank 0) or one loaded with
-    `load_comfy_native`. Linear layers the scheme cannot run were never converted and are stored in
-    `dtype`, as ComfyUI expects of a layer without a `comfy_quant` entry.
+    `model` is a training-form model (`QVGenLinear` layers; Φ at rank 0, or for `svdquant_w4a4`
+    at the rank it keeps) or one loaded with `load_comfy_native`. Linear layers the scheme cannot
+    run were never converted and are stored in `dtype`, as ComfyUI expects of a layer without a
+    `comfy_quant` entry; so are the format's `export_cast` tensors (bias; SVDQuant's scales, branch
+    and smoothing), which comfy-kitchen computes with.
     """
-
-    if config.scheme not in LAYER_FORMATS:
-        raise ComfyNativeError(
-            f"export_comfy needs a scheme with a ComfyUI layer format {sorted(LAYER_FORMATS)}, "
-            f"the config has {config.scheme!r}"
-        )
+    fmt = scheme_format(config.scheme)
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ComfyNativeError(f"{path}: a ComfyUI diffusion model is one file ending in .safetensors")
@@ -160,7 +178,8 @@ def export_comfy(
         model_config = dict(getattr(model, "config", {}) or {})
         if model_config:
             model_config.setdefault("_class_name", type(model).__name__)
-    qconfig = QVGenConfig.from_dict({**config.to_dict(), "current_rank": 0, "format_version": FORMAT_VERSION})
+    rank = config.final_rank if get_scheme(config.scheme).phi_sees_input else 0  # a kept low-rank branch
+    qconfig = QVGenConfig.from_dict({**config.to_dict(), "current_rank": rank, "format_version": FORMAT_VERSION})
     meta = {
         META_COMFY_QUANT: json.dumps({"format_version": COMFY_QUANT_VERSION, "layers": quant}),
         META_QCONFIG: qconfig.to_json(),
@@ -168,7 +187,7 @@ def export_comfy(
         "format": "pt",
     }
     atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    return ComfyExportReport(path, sorted(quant), kept, path.stat().st_size, config.scheme)
+    return ComfyExportReport(path, sorted(quant), kept, path.stat().st_size, fmt.name, runtime_notes(config))
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -287,49 +306,100 @@ def _nvfp4_validate(state: dict[str, Tensor], name: str, fail: Callable[[str, st
 # ---- loading into a PyTorch model ---------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerFormat:
-    """One ComfyUI layer format: its `comfy_quant` entry for a config, the checks of a layer's conf and
-    tensors, and `build(linear, conf, has, dtype, options)`, the PyTorch layer that runs it (`has`: the
-    names of the layer's tensors in the file; `options`: `load_comfy_native`'s overrides)."""
+    """One ComfyUI layer format (its `"format"` in `comfy_quant`), written by the scheme `scheme`:
+    `conf(layer, config)`, a layer's `comfy_quant` entry; `conf_error` and `validate`, the checks of a
+    layer's entry and tensors in a file; `build(name, linear, conf, tensors, dtype, options)`, the
+    PyTorch layer that runs it (`tensors`: the layer's own tensors in the file; `options`:
+    `load_comfy_native`'s overrides; a ValueError names what does not fit); `export_cast`, the
+    exported tensors stored in the export dtype (the others keep the format's dtype)."""
 
-    conf: Callable[[QVGenConfig], dict]
+    name: str
+    scheme: str
+    conf: Callable[[nn.Module, QVGenConfig], dict]
     conf_error: Callable[[dict], str | None]
     validate: Callable[[dict[str, Tensor], str, Callable[[str, str, Any], None]], None]
-    build: Callable[[nn.Module, dict, set[str], torch.dtype, dict[str, Any]], nn.Module]
+    build: Callable[[str, nn.Module, dict, dict[str, Tensor], torch.dtype, dict[str, Any]], nn.Module]
+    export_cast: tuple[str, ...] = ("bias",)
 
 
-def _convrot_build(linear: nn.Module, conf: dict, has: set[str], dtype: torch.dtype, options: dict) -> nn.Module:
+def _convrot_build(name, linear, conf, tensors, dtype, options) -> nn.Module:
     bits = options.get("act_bits") or act_bits_of(conf)
     return ConvRotLinear(linear.in_features, linear.out_features, linear.bias is not None, bits, dtype)
 
 
-def _nvfp4_build(linear: nn.Module, conf: dict, has: set[str], dtype: torch.dtype, options: dict) -> nn.Module:
+def _nvfp4_build(name, linear, conf, tensors, dtype, options) -> nn.Module:
     q = options.get("quantize_input")
     return NVFP4Linear(
         linear.in_features,
         linear.out_features,
         linear.bias is not None,
         dtype,
-        input_scale="input_scale" in has,
+        input_scale="input_scale" in tensors,
         quantize_input=True if q is None else q,
     )
 
 
+def _packed_weight_validate(state: dict[str, Tensor], name: str, fail: Callable[[str, str, Any], None]) -> None:
+    """The file-level check of SVDQuant / W4A8 layers; their scheme's `from_comfy` checks the rest
+    against the model's layer when loading."""
+    w = _need(state, name, "weight", fail)
+    if w.dtype not in (torch.int8, torch.uint8) or w.dim() != 2:
+        fail("weight", "a 2-D int8 tensor (packed 4-bit codes)", f"{w.dtype} of shape {tuple(w.shape)}")
+
+
+def _from_scheme(from_comfy: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    return lambda name, linear, conf, tensors, dtype, options: from_comfy(name, conf, tensors, linear, dtype)
+
+
 LAYER_FORMATS: dict[str, LayerFormat] = {
-    convrot.COMFY_FORMAT: LayerFormat(
-        lambda c: convrot.comfy_layer_conf(c.act_bits), _convrot_conf_error, _convrot_validate, _convrot_build
-    ),
-    nvfp4.COMFY_FORMAT: LayerFormat(nvfp4.comfy_layer_conf, lambda conf: None, _nvfp4_validate, _nvfp4_build),
+    f.name: f
+    for f in (
+        LayerFormat(
+            convrot.COMFY_FORMAT,
+            "convrot_w4a4",
+            lambda layer, c: convrot.comfy_layer_conf(c.act_bits),
+            _convrot_conf_error,
+            _convrot_validate,
+            _convrot_build,
+        ),
+        LayerFormat(
+            nvfp4.COMFY_FORMAT,
+            "nvfp4",
+            lambda layer, c: nvfp4.comfy_layer_conf(c),
+            lambda conf: None,
+            _nvfp4_validate,
+            _nvfp4_build,
+        ),
+        LayerFormat(
+            svdquant.COMFY_FORMAT,
+            "svdquant_w4a4",
+            svdquant.layer_conf,
+            lambda conf: None,
+            _packed_weight_validate,
+            _from_scheme(svdquant.from_comfy),
+            svdquant.EXPORT_CAST,
+        ),
+        LayerFormat(
+            w4a8.COMFY_FORMAT,
+            w4a8.SCHEME_NAME,
+            w4a8.layer_conf,
+            lambda conf: None,
+            _packed_weight_validate,
+            _from_scheme(w4a8.from_comfy),
+        ),
+    )
 }
-COMFY_LAYER_TYPES = (ConvRotLinear, NVFP4Linear)
+COMFY_LAYER_TYPES = (ConvRotLinear, NVFP4Linear, SVDQuantLinear, W4A8Linear)
+_BY_SCHEME = {f.scheme: f for f in LAYER_FORMATS.values()}
 
 
-def layer_format(scheme: str) -> LayerFormat:
-    """The ComfyUI layer format a scheme exports to (its name is the format's)."""
+def scheme_format(scheme: str) -> LayerFormat:
+    """The ComfyUI layer format a scheme exports to."""
     try:
-        return LAYER_FORMATS[scheme]
+        return _BY_SCHEME[scheme]
     except KeyError:
         raise ComfyNativeError(
-            f"scheme {scheme!r} has no ComfyUI layer format; expected one of {sorted(LAYER_FORMATS)}"
+            f"scheme {scheme!r} has no ComfyUI layer format; expected one of {sorted(_BY_SCHEME)}"
         ) from None
 
 
@@ -347,7 +417,8 @@ def load_comfy_native(
     act_bits: int | None = None,
     quantize_input: bool | None = None,
 ) -> nn.Module:
-    """Run a ComfyUI-native file in PyTorch: `ConvRotLinear` / `NVFP4Linear` for its quantized layers.
+    """Run a ComfyUI-native file in PyTorch: each quantized layer becomes its format's inference layer
+    (`ConvRotLinear`, `NVFP4Linear`, `SVDQuantLinear`, `W4A8Linear`).
 
     `model` is an (empty) diffusers Wan transformer to fill; without it the model is built from
     the file's `model_config` (written by `export_comfy`). `act_bits` overrides ConvRot's token bits
@@ -372,9 +443,13 @@ def load_comfy_native(
                 f"{f.path}: tensor '{comfy_name}.weight': expected a layer {linear.in_features}→"
                 f"{linear.out_features}, got K={k}"
             )
-        has = {key[len(name) + 1 :] for key in state if key.startswith(f"{name}.")}
+        own = {key[len(name) + 1 :]: t for key, t in state.items() if key.rpartition(".")[0] == name}
         options = {"act_bits": act_bits, "quantize_input": quantize_input}
-        model.set_submodule(name, LAYER_FORMATS[conf["format"]].build(linear, conf, has, dtype, options))
+        try:
+            layer = LAYER_FORMATS[conf["format"]].build(comfy_name, linear, conf, own, dtype, options)
+        except ValueError as e:
+            raise ComfyNativeError(f"{f.path}: {e}") from None
+        model.set_submodule(name, layer)
     _load_strict(model, state, f.path)
     model.to(device=device)
     for m in model.modules():  # full-precision tensors follow the compute dtype; codes and scales keep theirs
@@ -423,6 +498,6 @@ def is_comfy_native(meta: dict[str, str]) -> bool:
     """Whether safetensors metadata marks a ComfyUI-native file written by `export_comfy`."""
     raw = meta.get(META_QCONFIG)
     try:
-        return raw is not None and json.loads(raw).get("scheme") in LAYER_FORMATS
+        return raw is not None and json.loads(raw).get("scheme") in _BY_SCHEME
     except (json.JSONDecodeError, AttributeError):
         return False
