@@ -104,6 +104,11 @@ class QVGenConfig:
             raise ConfigError(f"smooth_alpha: expected a value in [0, 1], got {self.smooth_alpha!r}")
         if self.scheme not in SCHEMES:
             raise ConfigError(f"scheme: expected one of {list(SCHEMES)}, got {self.scheme!r}")
+        if self.act_group_size is not None and not SCHEMES[self.scheme].act_groups:
+            raise ConfigError(
+                f"act_group_size: scheme {self.scheme!r} has its own activation scaling (per token or per its "
+                f"format's blocks); expected None, got {self.act_group_size!r}"
+            )
         why = SCHEMES[self.scheme].check(self)
         if why:
             raise ConfigError(why)

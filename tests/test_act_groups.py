@@ -195,8 +195,9 @@ def test_config_field_and_layer_fallback() -> None:
     assert QVGenConfig.from_dict({}).act_group_size is None  # files without the field: per token
     with pytest.raises(ConfigError, match="act_group_size"):
         QVGenConfig(act_group_size=0)
-    with pytest.raises(ConfigError, match="act_group_size"):
-        QVGenConfig(scheme="convrot_w4a4", act_group_size=64)
+    for scheme in ("convrot_w4a4", "nvfp4", "w4a8_int8", "svdquant_w4a4"):  # their formats fix the act scaling
+        with pytest.raises(ConfigError, match=f"act_group_size: scheme '{scheme}'"):
+            QVGenConfig(scheme=scheme, act_group_size=64)
     assert act_group_length(1536, 128) == 128
     assert act_group_length(128, 128) == 0  # one group is the whole token
     assert act_group_length(96, 64) == 0  # not a multiple: per token

@@ -51,6 +51,7 @@ class Scheme:
     pack: Callable[[Any, QVGenConfig, torch.dtype, str], nn.Module]
     inference_types: tuple[type[nn.Module], ...]
     phi_sees_input: bool = False
+    act_groups: bool = False  # honours `act_group_size` (activation scales per group of K instead of per token)
 
     def __post_init__(self) -> None:
         if self.file_format not in FILE_FORMATS:

@@ -171,10 +171,6 @@ def check(config: QVGenConfig) -> str | None:
             "input_transform: scheme 'convrot_w4a4' applies its own Hadamard rotation; "
             f"expected 'none', got {config.input_transform!r}"
         )
-    if config.act_group_size is not None:
-        return (
-            f"act_group_size: scheme 'convrot_w4a4' scales whole tokens; expected None, got {config.act_group_size!r}"
-        )
     return None
 
 

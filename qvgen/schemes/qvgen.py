@@ -92,4 +92,5 @@ SCHEME = Scheme(
     shell=shell,
     pack=pack,
     inference_types=(PackedLinear,),
+    act_groups=True,
 )
