@@ -49,8 +49,11 @@ def _learned(model):
         if not isinstance(m, QVGenLinear):
             continue
         with torch.no_grad():
-            for p in m.weight_quantizer.parameters():
-                p.mul_(0.85 + 0.3 * torch.rand(p.shape, generator=g))
+            for pname, p in m.weight_quantizer.named_parameters():
+                if pname.endswith("gain"):  # W4A8's relative gains start at 0
+                    p.copy_(0.3 * torch.rand(p.shape, generator=g) - 0.15)
+                else:
+                    p.mul_(0.85 + 0.3 * torch.rand(p.shape, generator=g))
             if m.smooth_log is not None:
                 m.smooth_log.copy_(0.5 * torch.randn(m.smooth_log.shape, generator=g))
             if m.phi_down is not None:

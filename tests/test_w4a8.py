@@ -60,8 +60,8 @@ def test_fake_weight_is_the_layouts_dequantized_weight():
     quant = w4a8.GroupedCodebookQuantizer(*w.shape)
     quant.init_from(wr)
     with torch.no_grad():  # learned scales: what the layout decodes is whatever is exported
-        quant.s_channel.mul_(torch.linspace(0.9, 1.1, w.shape[0]))
-        quant.s_rel.mul_(1.1)
+        quant.channel_gain.copy_(torch.linspace(-0.1, 0.1, w.shape[0]))
+        quant.rel_gain.fill_(0.1)
     t = quant.export(wr)
     params = AsymW4A8Int8Layout.Params(
         scale=t["weight_s_rel"],
@@ -150,21 +150,21 @@ def test_gradients_straight_through_and_to_both_scales():
     idx = w4a8.nearest_index(t, levels)
     # weight: straight through (s·(g/s), so up to one rounding)
     assert torch.allclose(wr.grad, g_out, rtol=1e-6, atol=0)
-    # s_channel: Σ g · (level - w/s), LSQ-scaled
+    # s_channel = s0 (1 + g): Σ grad · (level - w/s) · s0, LSQ-scaled
     lv = levels.gather(-1, idx)
-    terms = g_out.view(8, 16, 16) * (lv - t)
+    terms = g_out.view(8, 16, 16) * (lv - t) * quant.s_channel0.view(-1, 1, 1)
     expect_ch = terms.sum((1, 2)) * quant.channel_grad
     # a float32 sum of n terms is within n · 6e-8 · Σ|terms| of the exact one, whatever the order
-    bound = 256 * 6e-8 * terms.abs().sum((1, 2)) * quant.channel_grad
-    assert ((quant.s_channel.grad - expect_ch).abs() <= bound + 1e-12).all()
-    # s_rel: Σ g · s_channel · codebook[idx] where the level is not clamped at ±127
+    bound = 2 * 256 * 6e-8 * terms.abs().sum((1, 2)) * quant.channel_grad
+    assert ((quant.channel_gain.grad - expect_ch).abs() <= bound + 1e-12).all()
+    # s_rel = s_rel0 (1 + g): Σ grad · s_channel · codebook[idx] · s_rel0 where the level is not clamped at ±127
     raw = w4a8.codebook()[idx] * s_rel.unsqueeze(-1)
     live = raw.round().abs() <= 127
-    terms = g_out.view(8, 16, 16) * s_ch.view(-1, 1, 1) * w4a8.codebook()[idx] * live
+    terms = g_out.view(8, 16, 16) * s_ch.view(-1, 1, 1) * w4a8.codebook()[idx] * live * quant.s_rel0.unsqueeze(-1)
     expect_rel = terms.sum(-1) * quant.rel_grad
-    bound = 2 * 16 * 6e-8 * terms.abs().sum(-1) * quant.rel_grad  # two roundings per term, 16 terms
-    assert ((quant.s_rel.grad - expect_rel).abs() <= bound + 1e-12).all()
-    assert quant.s_rel.grad.abs().sum() > 0
+    bound = 3 * 16 * 6e-8 * terms.abs().sum(-1) * quant.rel_grad  # three roundings per term, 16 terms
+    assert ((quant.rel_gain.grad - expect_rel).abs() <= bound + 1e-12).all()
+    assert quant.rel_gain.grad.abs().sum() > 0
 
 
 def test_rotation_group_per_k_and_rejects_the_rest():

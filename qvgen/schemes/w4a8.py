@@ -207,7 +207,12 @@ def w4a8_linear(
 
 
 class GroupedCodebookQuantizer(nn.Module):
-    """Training form of the weight side: learnable `s_channel` (float32) and `s_rel` (e4m3 in the forward)."""
+    """Training form of the weight side: learnable `s_channel` (float32) and `s_rel` (e4m3 in the forward).
+
+    Both are learned as relative gains on their initial values (`s = s0 · (1 + g)`, `g` starting at 0,
+    so the start is bit for bit comfy-kitchen's): `s_channel` is about max|W| / 127 (~1e-3), and an
+    optimizer step of the weights' learning rate on the raw value would change it by tens of percent.
+    """
 
     def __init__(self, out_features: int, in_features: int, group: int = GROUP) -> None:
         super().__init__()
@@ -215,21 +220,25 @@ class GroupedCodebookQuantizer(nn.Module):
             raise ValueError(f"W4A8 needs in_features divisible by 16 and by {group}, got {in_features}")
         self.bits = 4
         self.group = group
-        self.s_channel = nn.Parameter(torch.ones(out_features))
-        self.s_rel = nn.Parameter(torch.ones(out_features, in_features // group))
+        self.register_buffer("s_channel0", torch.ones(out_features))
+        self.register_buffer("s_rel0", torch.ones(out_features, in_features // group))
+        self.channel_gain = nn.Parameter(torch.zeros(out_features))
+        self.rel_gain = nn.Parameter(torch.zeros(out_features, in_features // group))
         self.channel_grad = 1.0 / math.sqrt(in_features * INT8_MAX)
         self.rel_grad = 1.0 / math.sqrt(group * INT8_MAX)
 
     @torch.no_grad()
     def init_from(self, weight: Tensor) -> None:
         s_rel, s_channel = init_scales(weight.detach(), self.group)
-        self.s_rel.copy_(s_rel.float())
-        self.s_channel.copy_(s_channel)
+        self.s_rel0.copy_(s_rel.float())
+        self.s_channel0.copy_(s_channel)
+        self.channel_gain.zero_()
+        self.rel_gain.zero_()
 
     def effective_scales(self) -> tuple[Tensor, Tensor]:
-        s_rel = cast_ste(scale_grad(self.s_rel, self.rel_grad).clamp(min=0), SCALE_DTYPE)
-        s_channel = scale_grad(self.s_channel, self.channel_grad).clamp(min=SCALE_MIN)
-        return s_rel, s_channel
+        rel = self.s_rel0 * (1 + scale_grad(self.rel_gain, self.rel_grad))
+        channel = self.s_channel0 * (1 + scale_grad(self.channel_gain, self.channel_grad))
+        return cast_ste(rel.clamp(min=0), SCALE_DTYPE), channel.clamp(min=SCALE_MIN)
 
     def forward(self, weight: Tensor) -> Tensor:
         s_rel, s_channel = self.effective_scales()
@@ -238,13 +247,13 @@ class GroupedCodebookQuantizer(nn.Module):
     @torch.no_grad()
     def export(self, weight: Tensor) -> dict[str, Tensor]:
         """The layout's tensors: packed codes, `s_rel` (e4m3), `s_channel`, `codebook` (layer-relative names)."""
-        s_rel = self.s_rel.detach().float().clamp(min=0).to(SCALE_DTYPE)
-        s_channel = self.s_channel.detach().float().clamp(min=SCALE_MIN)
+        s_rel, s_channel = (s.detach() for s in self.effective_scales())
+        s_rel = s_rel.to(SCALE_DTYPE)
         codes = assign_codes(weight.detach(), s_rel, s_channel, self.group)
         return {
             "weight": pack_codes(codes),
             "weight_s_rel": s_rel.contiguous(),
-            "weight_s_channel": s_channel.contiguous().clone(),
+            "weight_s_channel": s_channel.float().contiguous().clone(),
             "weight_codebook": codebook(weight.device),
         }
 
