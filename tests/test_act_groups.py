@@ -259,7 +259,7 @@ def test_model_card_states_the_activation_groups() -> None:
 
     def card(group: int | None) -> str:
         info = CardInfo("me/m", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", QVGenConfig(act_group_size=group))
-        return render_model_card(info)
+        return str(render_model_card(info))
 
     assert "4-bit, per group of 128 input features of a token" in card(128)
     assert "4-bit, per token" in card(None)
