@@ -18,8 +18,9 @@ from .schemes import SCHEMES  # the schemes' arithmetic and names (qvgen.schemes
 from .transforms import TRANSFORMS
 
 # 2: the `scheme` field (version-1 configs have none and are read as "qvgen"); 3: the input-transform
-# fields and tensors (`input_signs`, `smooth`) and `zero_point_grad` (older files have none: no transform)
-FORMAT_VERSION = 3
+# fields and tensors (`input_signs`, `smooth`) and `zero_point_grad` (older files have none: no transform);
+# 4: `act_group_size` and `final_rank` (older files have neither: per-token activations, Φ decayed to 0)
+FORMAT_VERSION = 4
 QUANT_METHOD = "qvgen"
 
 
