@@ -331,6 +331,9 @@ def test_config_scheme_field():
         QVGenConfig(scheme="convrot_w4a4", act_bits=None)
     with pytest.raises(ConfigError, match="input_transform"):
         QVGenConfig(scheme="convrot_w4a4", input_transform="hadamard")
+    for scheme in ("convrot_w4a4", "nvfp4"):  # formats without a low-rank branch: Φ must reach rank 0
+        with pytest.raises(ConfigError, match=f"final_rank: scheme '{scheme}' has no low-rank branch"):
+            QVGenConfig(scheme=scheme, rank=8, final_rank=4)
 
 
 def test_old_version1_checkpoint_without_scheme_still_loads(tmp_path):

@@ -243,7 +243,7 @@ def test_config_validation_names_the_field():
         QVGenConfig(scheme="nvfp4", act_bits=8)
     with pytest.raises(ConfigError, match="act_bits: scheme 'nvfp4'"):
         QVGenConfig(scheme="nvfp4", act_bits=None)
-    with pytest.raises(ConfigError, match="input_transform: ComfyUI's nvfp4 layers"):
+    with pytest.raises(ConfigError, match="input_transform: scheme 'nvfp4' runs ComfyUI's nvfp4 layers"):
         QVGenConfig(scheme="nvfp4", input_transform="smooth")
 
 

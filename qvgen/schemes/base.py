@@ -56,3 +56,34 @@ class Scheme:
     def __post_init__(self) -> None:
         if self.file_format not in FILE_FORMATS:
             raise ValueError(f"scheme {self.name!r}: file_format {self.file_format!r} is not one of {FILE_FORMATS}")
+
+
+def fixed_arithmetic(
+    config: QVGenConfig,
+    scheme: str,
+    *,
+    weight_bits: str,
+    act_bits: dict[int, str],
+    input_transform: str,
+    transform_note: str,
+    low_rank_branch: bool = False,
+) -> str | None:
+    """Why `config` does not fit a format whose arithmetic is fixed (None when it does).
+
+    `weight_bits` says what 4-bit weights the format stores; `act_bits` maps each allowed token
+    width to what it means; `input_transform` is the one transform the format can express, with
+    `transform_note` saying why; without a `low_rank_branch`, Φ must decay to rank 0.
+    """
+    if config.weight_bits != 4:
+        return f"weight_bits: scheme {scheme!r} stores {weight_bits}, got {config.weight_bits!r}"
+    if config.act_bits not in act_bits:
+        allowed = " or ".join(f"{what} ({bits})" for bits, what in act_bits.items())
+        return f"act_bits: scheme {scheme!r} quantizes inputs to {allowed}, got {config.act_bits!r}"
+    if config.input_transform != input_transform:
+        return (
+            f"input_transform: scheme {scheme!r} {transform_note}; expected {input_transform!r}, "
+            f"got {config.input_transform!r}"
+        )
+    if config.final_rank and not low_rank_branch:
+        return f"final_rank: scheme {scheme!r} has no low-rank branch, Φ must decay to 0; got {config.final_rank!r}"
+    return None

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..kernels_import import qvgen_kernels
 from ..quantizers import grad_scale, round_ste
-from .base import Scheme
+from .base import Scheme, fixed_arithmetic
 
 if TYPE_CHECKING:
     from ..config import QVGenConfig
@@ -162,16 +162,14 @@ class ConvRotLinear(nn.Module):
 # ---- the scheme ----------------------------------------------------------------------------------
 def check(config: QVGenConfig) -> str | None:
     """ConvRot fixes the arithmetic: W4, per-token A4 (or A8, ComfyUI's int8 path), its own rotation."""
-    if config.weight_bits != 4:
-        return f"weight_bits: scheme 'convrot_w4a4' stores int4 weights, got {config.weight_bits!r}"
-    if config.act_bits not in (4, 8):
-        return f"act_bits: scheme 'convrot_w4a4' quantizes tokens to int4 (4) or int8 (8), got {config.act_bits!r}"
-    if config.input_transform != "none":
-        return (
-            "input_transform: scheme 'convrot_w4a4' applies its own Hadamard rotation; "
-            f"expected 'none', got {config.input_transform!r}"
-        )
-    return None
+    return fixed_arithmetic(
+        config,
+        COMFY_FORMAT,
+        weight_bits="int4 weights",
+        act_bits={4: "int4", 8: "int8"},
+        input_transform="none",
+        transform_note="applies its own Hadamard rotation",
+    )
 
 
 def unsupported(in_features: int) -> str | None:

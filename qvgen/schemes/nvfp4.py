@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quantizers import grad_scale
-from .base import Scheme
+from .base import Scheme, fixed_arithmetic
 
 if TYPE_CHECKING:
     from ..config import QVGenConfig
@@ -356,16 +356,14 @@ class NVFP4Linear(nn.Module):
 # ---- the scheme ----------------------------------------------------------------------------------------
 def check(config: QVGenConfig) -> str | None:
     """NVFP4 fixes the arithmetic: FP4 weights and inputs, no input transform ComfyUI could not apply."""
-    if config.weight_bits != 4:
-        return f"weight_bits: scheme 'nvfp4' stores 4-bit (e2m1) weights, got {config.weight_bits!r}"
-    if config.act_bits != 4:
-        return f"act_bits: scheme 'nvfp4' quantizes inputs to 4-bit e2m1 (4), got {config.act_bits!r}"
-    if config.input_transform != "none":
-        return (
-            "input_transform: ComfyUI's nvfp4 layers apply no rotation or smoothing; "
-            f"scheme 'nvfp4' expects 'none', got {config.input_transform!r}"
-        )
-    return None
+    return fixed_arithmetic(
+        config,
+        "nvfp4",
+        weight_bits="4-bit (e2m1) weights",
+        act_bits={4: "4-bit e2m1"},
+        input_transform="none",
+        transform_note="runs ComfyUI's nvfp4 layers, which apply no rotation or smoothing",
+    )
 
 
 def unsupported(in_features: int) -> str | None:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quantizers import round_ste
-from .base import Scheme
+from .base import Scheme, fixed_arithmetic
 from .convrot import pack_int4, unpack_int4
 
 if TYPE_CHECKING:
@@ -267,16 +267,15 @@ class SVDQuantLinear(nn.Module):
 # ---- the scheme ----------------------------------------------------------------------------------
 def check(config: QVGenConfig) -> str | None:
     """SVDQuant fixes W4, per-group A4 and smoothing (its `smooth_factor`); no rotation in the format."""
-    if config.weight_bits != 4:
-        return f"weight_bits: scheme 'svdquant_w4a4' stores int4 weights, got {config.weight_bits!r}"
-    if config.act_bits != 4:
-        return f"act_bits: scheme 'svdquant_w4a4' quantizes activations to int4 (4), got {config.act_bits!r}"
-    if config.input_transform != "smooth":
-        return (
-            "input_transform: scheme 'svdquant_w4a4' stores a smoothing factor and no rotation; "
-            f"expected 'smooth', got {config.input_transform!r}"
-        )
-    return None
+    return fixed_arithmetic(
+        config,
+        COMFY_FORMAT,
+        weight_bits="int4 weights",
+        act_bits={4: "int4"},
+        input_transform="smooth",
+        transform_note="stores a smoothing factor and no rotation",
+        low_rank_branch=True,
+    )
 
 
 def unsupported(in_features: int) -> str | None:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quantizers import round_ste
-from .base import Scheme
+from .base import Scheme, fixed_arithmetic
 from .convrot import CONVROT_GROUP, int_matmul, rotate
 from .svdquant import cast_ste, scale_grad
 
@@ -341,18 +341,14 @@ def rotate_input(x: Tensor) -> Tensor:
 
 def check(config: QVGenConfig) -> str | None:
     """W4A8 fixes 4-bit codebook weights, int8 tokens and its own rotation; the format has no low-rank branch."""
-    if config.weight_bits != 4:
-        return f"weight_bits: scheme 'w4a8_int8' stores 4-bit codes, got {config.weight_bits!r}"
-    if config.act_bits != 8:
-        return f"act_bits: scheme 'w4a8_int8' quantizes tokens to int8 (8), got {config.act_bits!r}"
-    if config.input_transform != "none":
-        return (
-            "input_transform: scheme 'w4a8_int8' applies its own Hadamard rotation; "
-            f"expected 'none', got {config.input_transform!r}"
-        )
-    if config.final_rank:
-        return f"final_rank: scheme 'w4a8_int8' has no low-rank branch, Φ must decay to 0; got {config.final_rank!r}"
-    return None
+    return fixed_arithmetic(
+        config,
+        SCHEME_NAME,
+        weight_bits="4-bit codes",
+        act_bits={8: "int8"},
+        input_transform="none",
+        transform_note="applies its own Hadamard rotation",
+    )
 
 
 def unsupported(in_features: int) -> str | None:
