@@ -31,6 +31,18 @@ def round_ste(x: Tensor) -> Tensor:
     return (x.round() - x).detach() + x
 
 
+def clamp_ste_edges(x: Tensor, lo: Tensor | float | None = None, hi: Tensor | float | None = None) -> Tensor:
+    """`torch.clamp(x, lo, hi)` whose gradient passes where `lo <= x <= hi`, edges included.
+
+    torch 2.14 stopped passing clamp's gradient at the edges (2.13 and older pass it). Quantizers
+    land on the edges all the time (a code rounded to exactly `qmax`, a clip factor starting at its
+    bound), so the plain clamp would train differently with the torch version.
+    """
+    clamped = torch.clamp(x.detach(), lo, hi)
+    inside = clamped == x.detach()
+    return torch.where(inside, x, clamped)
+
+
 def grad_scale(x: Tensor, scale: float) -> Tensor:
     """Value of `x`, gradient multiplied by `scale` (LSQ's step-size gradient scaling)."""
     return (x - x * scale).detach() + x * scale
@@ -39,7 +51,7 @@ def grad_scale(x: Tensor, scale: float) -> Tensor:
 def fake_quant_weight(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     """`s · (clamp(round(W/s + z), 0, 2^b-1) - z)` with STE round; `s`, `z` shaped (out, 1)."""
     qmax = 2**bits - 1
-    q = torch.clamp(round_ste(w / scale + zero), 0, qmax)
+    q = clamp_ste_edges(round_ste(w / scale + zero), 0, qmax)
     return scale * (q - zero)
 
 
@@ -123,7 +135,7 @@ def act_qparams(
     xmax = x.amax(dim=-1, keepdim=True) * clip_hi
     s = exact_div(xmax - xmin, qmax).clamp(min=SCALE_MIN)
     if zero_point_grad == "ste":
-        z = torch.clamp(round_ste(-xmin / s), 0, qmax)
+        z = clamp_ste_edges(round_ste(-xmin / s), 0, qmax)
     elif zero_point_grad == "none":
         z = torch.clamp(torch.round(-xmin.detach() / s.detach()), 0, qmax)
     else:
@@ -168,7 +180,7 @@ def fake_quant_act(
     qmax = 2**bits - 1
     xf = x.float()
     s, z = act_qparams(xf, clip_lo, clip_hi, bits, zero_point_grad)
-    q = torch.clamp(round_ste(xf / s) + z, 0, qmax)
+    q = clamp_ste_edges(round_ste(xf / s) + z, 0, qmax)
     return (s * (q - z)).to(x.dtype)
 
 

@@ -145,3 +145,19 @@ def test_act_clip_logits_receive_gradient():
     (aq(x, 2) - x).pow(2).sum().backward()
     assert aq.clip_logits.grad[2].abs().sum() > 0
     assert aq.clip_logits.grad[[0, 1]].abs().sum() == 0
+
+
+def test_clamp_passes_gradient_at_the_edges_on_every_torch():
+    """torch 2.14 stopped passing clamp's gradient at the bounds; quantizers land there (codes rounded
+    to exactly qmax, clip factors starting at 1), so `clamp_ste_edges` keeps the older rule everywhere:
+    the value of `torch.clamp`, gradient 1 inside and on the bounds, 0 outside."""
+    from qvgen.quantizers import clamp_ste_edges
+
+    x = torch.tensor([-1.0, 0.0, 3.0, 15.0, 16.0], requires_grad=True)
+    y = clamp_ste_edges(x, 0, 15)
+    assert torch.equal(y, torch.clamp(x.detach(), 0, 15))
+    y.backward(torch.arange(1.0, 6.0))
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 0.0]
+    c = torch.ones(3, requires_grad=True)  # a clip factor at its upper bound still trains
+    clamp_ste_edges(c, 0.25, 1.0).sum().backward()
+    assert c.grad.tolist() == [1.0, 1.0, 1.0]

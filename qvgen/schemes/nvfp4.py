@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..quantizers import grad_scale
+from ..quantizers import clamp_ste_edges, grad_scale
 from .base import Scheme, fixed_arithmetic
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def block_scales(x: Tensor, s2: Tensor, clip: Tensor | None = None) -> Tensor:
     amax = x.detach().reshape(x.shape[0], -1, BLOCK).abs().amax(dim=-1).to(torch.float32)
     if clip is not None:
         amax = amax * clip
-    scaled = torch.clamp(amax / E2M1_MAX / s2, max=E4M3_MAX)
+    scaled = clamp_ste_edges(amax / E2M1_MAX / s2, hi=E4M3_MAX)
     return _ste(scaled, fp8_round(scaled.detach()))
 
 
@@ -253,7 +253,7 @@ class NVFP4WeightQuantizer(nn.Module):
 
     def clip(self) -> Tensor:
         c = grad_scale(self.block_clip, self.grad_factor)
-        return torch.clamp(c, WEIGHT_CLIP_MIN, 1.0)
+        return clamp_ste_edges(c, WEIGHT_CLIP_MIN, 1.0)
 
     def forward(self, weight: Tensor) -> Tensor:
         w = weight.float()
@@ -287,7 +287,7 @@ class NVFP4ActQuantizer(nn.Module):
         self.amax.copy_(torch.maximum(self.amax, amax))
 
     def input_scale(self) -> Tensor:
-        c = torch.clamp(grad_scale(self.clip, self.grad_factor), min=INPUT_CLIP_MIN)
+        c = clamp_ste_edges(grad_scale(self.clip, self.grad_factor), lo=INPUT_CLIP_MIN)
         return c * self.amax / GLOBAL_DIV
 
     def export_scale(self) -> Tensor:
