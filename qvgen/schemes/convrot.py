@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels_import import qvgen_kernels
-from ..quantizers import grad_scale, round_ste
+from ..quantizers import clamp_ste_edges, grad_scale, round_ste
 from .base import Scheme, fixed_arithmetic
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ int_matmul = qvgen_kernels.convrot.int_matmul
 
 def fake_quant_symmetric(x: Tensor, scale: Tensor, qmax: int) -> Tensor:
     """`s · clamp(round(x / s), -qmax, qmax)` with straight-through rounding."""
-    return scale * torch.clamp(round_ste(x / scale), -qmax, qmax)
+    return scale * clamp_ste_edges(round_ste(x / scale), -qmax, qmax)
 
 
 # ---- training form -------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..quantizers import round_ste
+from ..quantizers import clamp_ste_edges, round_ste
 from .base import Scheme, fixed_arithmetic
 from .convrot import pack_int4, unpack_int4
 
@@ -82,7 +82,7 @@ def group_absmax_scale(x: Tensor, qmax: int = INT4_MAX) -> Tensor:
 
 def fake_quant_groups(x: Tensor, scale: Tensor, qmax: int = INT4_MAX) -> Tensor:
     """`s · clamp(round(x / s), -qmax, qmax)` per group, straight-through rounding; `scale` `(…, K/64, 1)`."""
-    q = torch.clamp(round_ste(_groups(x) / scale), -qmax, qmax)
+    q = clamp_ste_edges(round_ste(_groups(x) / scale), -qmax, qmax)
     return (q * scale).flatten(-2)
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..quantizers import round_ste
+from ..quantizers import clamp_ste_edges, round_ste
 from .base import Scheme, fixed_arithmetic
 from .convrot import CONVROT_GROUP, int_matmul, rotate
 from .svdquant import cast_ste, scale_grad
@@ -89,7 +89,7 @@ def nearest_index(target: Tensor, levels: Tensor) -> Tensor:
 
 def grid_levels(s_rel: Tensor, table: Tensor) -> Tensor:
     """The int8 value each code decodes to per group, `(out, K/16, 16)`: clamp(round(level · s_rel), ±127)."""
-    return torch.clamp(round_ste(table * s_rel.float().unsqueeze(-1)), -INT8_MAX, INT8_MAX)
+    return clamp_ste_edges(round_ste(table * s_rel.float().unsqueeze(-1)), -INT8_MAX, INT8_MAX)
 
 
 def _grouped(w: Tensor, group: int) -> Tensor:
@@ -173,7 +173,7 @@ def quantize_acts(x_rot: Tensor) -> tuple[Tensor, Tensor]:
 def fake_quant_acts(x_rot: Tensor) -> Tensor:
     """`s · q` of `quantize_acts` with straight-through rounding (float32)."""
     s = act_scale(x_rot)
-    q = torch.clamp(round_ste(x_rot / _scale_for_math(s, x_rot)), -128, 127)
+    q = clamp_ste_edges(round_ste(x_rot / _scale_for_math(s, x_rot)), -128, 127)
     return q.float() * s
 
 
