@@ -87,3 +87,20 @@ def fixed_arithmetic(
     if config.final_rank and not low_rank_branch:
         return f"final_rank: scheme {scheme!r} has no low-rank branch, Φ must decay to 0; got {config.final_rank!r}"
     return None
+
+
+def pack_via_state_dict(
+    shell: Callable[[nn.Module, QVGenConfig, int, torch.dtype, torch.device | str], nn.Module],
+    export: Callable[[Any], dict[str, Tensor]],
+    *,
+    keeps_rank: bool = False,
+) -> Callable[[Any, QVGenConfig, torch.dtype, str], nn.Module]:
+    """`Scheme.pack` for schemes whose inference layer takes the exported tensors as its state dict
+    (each cast to the dtype the layer holds it in); `keeps_rank`: the layer keeps Φ at its rank."""
+
+    def pack(layer: Any, config: QVGenConfig, dtype: torch.dtype, name: str) -> nn.Module:
+        out = shell(layer, config, layer.rank if keeps_rank else 0, dtype, layer.weight.device)
+        out.load_state_dict({k: v.to(getattr(out, k).dtype) for k, v in export(layer).items()})
+        return out
+
+    return pack

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..kernels_import import qvgen_kernels
 from ..quantizers import clamp_ste_edges, grad_scale, round_ste
-from .base import Scheme, fixed_arithmetic
+from .base import Scheme, fixed_arithmetic, pack_via_state_dict
 
 if TYPE_CHECKING:
     from ..config import QVGenConfig
@@ -120,6 +120,8 @@ class ConvRotLinear(nn.Module):
     comfy-kitchen's kernels.
     """
 
+    keep_dtype = ("weight_scale",)  # stored float32 whatever the compute dtype
+
     def __init__(
         self,
         in_features: int,
@@ -209,12 +211,6 @@ def shell(
     return ConvRotLinear(linear.in_features, linear.out_features, bias, config.act_bits, dtype, device)
 
 
-def pack(layer: Any, config: QVGenConfig, dtype: torch.dtype, name: str) -> ConvRotLinear:
-    out = shell(layer, config, 0, dtype, layer.weight.device)
-    out.load_state_dict({k: v.to(getattr(out, k).dtype) for k, v in export(layer).items()})
-    return out
-
-
 SCHEME = Scheme(
     name=COMFY_FORMAT,
     file_format="comfy",
@@ -224,6 +220,6 @@ SCHEME = Scheme(
     rotate=rotate,
     export=export,
     shell=shell,
-    pack=pack,
+    pack=pack_via_state_dict(shell, export),
     inference_types=(ConvRotLinear,),
 )

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quantizers import clamp_ste_edges, grad_scale
-from .base import Scheme, fixed_arithmetic
+from .base import Scheme, fixed_arithmetic, pack_via_state_dict
 
 if TYPE_CHECKING:
     from ..config import QVGenConfig
@@ -407,12 +407,6 @@ def shell(
     return NVFP4Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, device)
 
 
-def pack(layer: Any, config: QVGenConfig, dtype: torch.dtype, name: str) -> NVFP4Linear:
-    out = shell(layer, config, 0, dtype, layer.weight.device)
-    out.load_state_dict({k: v.to(getattr(out, k).dtype) for k, v in export(layer).items()})
-    return out
-
-
 SCHEME = Scheme(
     name=COMFY_FORMAT,
     file_format="comfy",
@@ -422,6 +416,6 @@ SCHEME = Scheme(
     rotate=None,
     export=export,
     shell=shell,
-    pack=pack,
+    pack=pack_via_state_dict(shell, export),
     inference_types=(NVFP4Linear,),
 )

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quantizers import clamp_ste_edges, round_ste
-from .base import Scheme, fixed_arithmetic
+from .base import Scheme, fixed_arithmetic, pack_via_state_dict
 from .convrot import pack_int4, unpack_int4
 
 if TYPE_CHECKING:
@@ -320,12 +320,6 @@ def shell(
     return SVDQuantLinear(linear.in_features, linear.out_features, linear.bias is not None, rank, dtype, device)
 
 
-def pack(layer: Any, config: QVGenConfig, dtype: torch.dtype, name: str) -> SVDQuantLinear:
-    out = shell(layer, config, layer.rank, dtype, layer.weight.device)
-    out.load_state_dict({k: v.to(getattr(out, k).dtype) for k, v in export(layer).items()})
-    return out
-
-
 def layer_conf(layer: nn.Module, config: QVGenConfig) -> dict:
     return {"format": COMFY_FORMAT}
 
@@ -365,7 +359,7 @@ SCHEME = Scheme(
     rotate=None,
     export=export,
     shell=shell,
-    pack=pack,
+    pack=pack_via_state_dict(shell, export, keeps_rank=True),
     inference_types=(SVDQuantLinear,),
     phi_sees_input=True,
 )

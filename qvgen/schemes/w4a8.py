@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quantizers import clamp_ste_edges, round_ste
-from .base import Scheme, fixed_arithmetic
+from .base import Scheme, fixed_arithmetic, pack_via_state_dict
 from .convrot import CONVROT_GROUP, int_matmul, rotate
 from .svdquant import cast_ste, scale_grad
 
@@ -381,12 +381,6 @@ def shell(
     return W4A8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, device)
 
 
-def pack(layer: Any, config: QVGenConfig, dtype: torch.dtype, name: str) -> W4A8Linear:
-    out = shell(layer, config, 0, dtype, layer.weight.device)
-    out.load_state_dict({k: v.to(getattr(out, k).dtype) for k, v in export(layer).items()})
-    return out
-
-
 def layer_conf(layer: nn.Module, config: QVGenConfig) -> dict:
     k = layer.in_features
     return {"format": COMFY_FORMAT, "group_size": GROUP, "convrot": True, "convrot_groupsize": rotation_group(k)}
@@ -429,6 +423,6 @@ SCHEME = Scheme(
     rotate=rotate_input,
     export=export,
     shell=shell,
-    pack=pack,
+    pack=pack_via_state_dict(shell, export),
     inference_types=(W4A8Linear,),
 )

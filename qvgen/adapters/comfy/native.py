@@ -46,8 +46,6 @@ from ...layers import QVGenLinear
 from ...schemes import convrot, get_scheme, nvfp4, svdquant, w4a8
 from ...schemes.convrot import ConvRotLinear
 from ...schemes.nvfp4 import NVFP4Linear
-from ...schemes.svdquant import SVDQuantLinear
-from ...schemes.w4a8 import W4A8Linear
 from ...surgery import unsupported_reason
 from ..diffusers_models import empty_model
 from .names import comfy_to_diffusers, diffusers_to_comfy, to_comfy_state_dict, to_diffusers_state_dict
@@ -389,7 +387,8 @@ LAYER_FORMATS: dict[str, LayerFormat] = {
         ),
     )
 }
-COMFY_LAYER_TYPES = (ConvRotLinear, NVFP4Linear, SVDQuantLinear, W4A8Linear)
+# the inference layers of every ComfyUI format, from their schemes
+COMFY_LAYER_TYPES = tuple(t for f in LAYER_FORMATS.values() for t in get_scheme(f.scheme).inference_types)
 _BY_SCHEME = {f.scheme: f for f in LAYER_FORMATS.values()}
 
 
@@ -454,16 +453,9 @@ def load_comfy_native(
     model.to(device=device)
     for m in model.modules():  # full-precision tensors follow the compute dtype; codes and scales keep theirs
         for pname, p in list(m.named_parameters(recurse=False)):
-            if p.is_floating_point() and pname not in _keep_dtype(m):
+            if p.is_floating_point() and pname not in getattr(m, "keep_dtype", ()):
                 setattr(m, pname, nn.Parameter(p.data.to(dtype), requires_grad=False))
     return model.eval()
-
-
-def _keep_dtype(m: nn.Module) -> tuple[str, ...]:
-    """Tensors of a quantized layer whose stored dtype is part of the format (scales), not the compute dtype."""
-    if isinstance(m, ConvRotLinear):
-        return ("weight_scale",)
-    return getattr(m, "keep_dtype", ())
 
 
 def _build_model(f: ComfyNativeFile) -> nn.Module:
