@@ -36,17 +36,20 @@ def quantized_linear_op(
     rot_block: int,
     out_dtype: torch.dtype,
     backend: str,
+    act_group: int = 0,
 ) -> Tensor:
-    """`qvgen_kernels.quantized_linear` with every argument explicit; `a_bits=0` means weight-only."""
+    """`qvgen_kernels.quantized_linear` with every argument explicit; `a_bits=0` means weight-only,
+    `act_group=0` per-token activation scales (else one per group of that many inputs)."""
     return _quantized_linear(
         x, qweight, w_scale, w_zero, w_qsum, bias, in_features=in_features, w_bits=w_bits,
         a_bits=a_bits or None, clip_lo=clip_lo, clip_hi=clip_hi, phi_down=phi_down, phi_up=phi_up,
-        out_dtype=out_dtype, input_signs=input_signs, rot_block=rot_block, smooth=smooth, backend=backend,
+        out_dtype=out_dtype, input_signs=input_signs, rot_block=rot_block, smooth=smooth, act_group=act_group,
+        backend=backend,
     )  # fmt: skip
 
 
 @quantized_linear_op.register_fake
 def _(x, qweight, w_scale, w_zero, w_qsum, bias, clip_lo, clip_hi, phi_down, phi_up, input_signs, smooth,
-      in_features, w_bits, a_bits, rot_block, out_dtype, backend) -> Tensor:  # fmt: skip
+      in_features, w_bits, a_bits, rot_block, out_dtype, backend, act_group=0) -> Tensor:  # fmt: skip
     """Shape and dtype only: `x.shape[:-1] + (N,)` in `out_dtype`."""
     return x.new_empty(*x.shape[:-1], qweight.shape[0], dtype=out_dtype)

@@ -397,10 +397,10 @@ def test_transform_argument_errors() -> None:
 # ---------------------------------------------------------------------------------------------
 # the custom op for torch.compile (kernels/torch_op.py)
 # ---------------------------------------------------------------------------------------------
-def _op_args(layer: dict, x: torch.Tensor, k: int, a_bits: int) -> tuple:
+def _op_args(layer: dict, x: torch.Tensor, k: int, a_bits: int, act_group: int = 0) -> tuple:
     lo, hi = torch.full((x.shape[0], 1), 0.9), torch.full((x.shape[0], 1), 0.95)
     t = (x, layer["qweight"], layer["w_scale"], layer["w_zero"], layer["w_qsum"], layer["bias"], lo, hi)
-    return t + (None, None, None, None, k, 4, a_bits, 0, torch.float32, "cpu")
+    return t + (None, None, None, None, k, 4, a_bits, 0, torch.float32, "cpu", act_group)
 
 
 def test_custom_op_schema_fake_and_compile() -> None:
@@ -411,13 +411,17 @@ def test_custom_op_schema_fake_and_compile() -> None:
     k, n = 64, 24
     layer = make_layer(n, k, 4)
     x = torch.randn(5, k)
-    for a_bits in (4, 0):  # W4A4 and weight-only
-        args = _op_args(layer, x, k, a_bits)
+    outs = {}
+    for a_bits, group in ((4, 0), (0, 0), (4, 32)):  # W4A4, weight-only, W4A4 with groups of 32 inputs
+        args = _op_args(layer, x, k, a_bits, group)
         torch.library.opcheck(
             torch.ops.qvgen.quantized_linear.default, args, test_utils=("test_schema", "test_faketensor")
         )
         eager = call(
-            qk.quantized_linear, x, layer, k, 4, a_bits or None, clip_lo=args[6], clip_hi=args[7], backend="cpu"
-        )
+            qk.quantized_linear, x, layer, k, 4, a_bits or None, clip_lo=args[6], clip_hi=args[7], backend="cpu",
+            act_group=group,
+        )  # fmt: skip
         compiled = torch.compile(torch_op.quantized_linear_op, fullgraph=True, backend="eager")
-        assert torch.equal(compiled(*args), eager)
+        outs[(a_bits, group)] = compiled(*args)
+        assert torch.equal(outs[(a_bits, group)], eager)
+    assert not torch.allclose(outs[(4, 32)], outs[(4, 0)])  # the group size reached the kernel
