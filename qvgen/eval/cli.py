@@ -178,7 +178,9 @@ def summary(result: dict[str, Any], top: int = 10) -> str:
     lines += ["", "| layer | relative output error |" + (" velocity MSE, alone |" if alone else ""), "|---|---|"]
     lines[-1] += "---|" if alone else ""
     for r in result["layers"][:top]:
-        cell = f" {r['velocity_mse_alone']:.2e} |" if alone else ""
+        cell = (
+            (f" {r['velocity_mse_alone']:.2e} |" if "velocity_mse_alone" in r else " (not measured) |") if alone else ""
+        )
         lines.append(f"| {r['layer']} | {r['output_rel_error']:.2e} |{cell}")
     return "\n".join(lines)
 
@@ -217,8 +219,8 @@ def _pipeline_result(args: argparse.Namespace) -> dict[str, Any]:
     if args.demo or args.original:
         raise SystemExit("--pipeline replaces --demo and --original: give one of them")
     pipe = load_pipeline(args)
-    quantized, label = quantized_transformer(args, pipe)
     prompts, texts = prompt_arguments(args, pipe)
+    quantized, label = quantized_transformer(args, pipe)
     call = call_arguments(args)
     result = evaluate_pipeline(
         pipe,

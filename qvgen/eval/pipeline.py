@@ -148,6 +148,10 @@ def evaluate_pipeline(
     if getattr(pipe, "transformer_2", None) is not None:
         raise ValueError("qvgen.eval: two-transformer pipelines (Wan 2.2) are not supported, only `transformer`")
     call = {**(call or {}), "num_inference_steps": num_steps}
+    for module in pipe.components.values():  # no dropout: both runs must see the same text embeddings
+        if isinstance(module, nn.Module):
+            module.eval()
+    quantized.eval()
     original = pipe.transformer
     probe = LayerProbe(original, quantized) if quantized_layers(quantized) else None
     capture = {round(f * (num_steps - 1)) for f in PROBE_FRACTIONS} if one_at_a_time and probe else set()
