@@ -35,6 +35,13 @@ def wan():
     return pipe, quantized.eval()
 
 
+@pytest.fixture(scope="module")
+def wan_folder(wan, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wan") / "pipe"
+    wan[0].save_pretrained(folder)
+    return folder
+
+
 def _frames(pipe, prompt: str, seed: int, **call) -> np.ndarray:
     g = torch.Generator().manual_seed(seed)
     out = pipe(prompt=prompt, generator=g, output_type="np", **call)
@@ -84,12 +91,11 @@ def test_error_per_step_is_the_mean_over_the_originals_transformer_calls(wan):
     assert {row["layer"] for row in r["layers"]} == set(quantized_layers(quantized))
 
 
-def test_wan_cli_with_checkpoint_frames_psnr_matches_sampling_by_hand(wan, tmp_path):
+def test_wan_cli_with_checkpoint_frames_psnr_matches_sampling_by_hand(wan, wan_folder, tmp_path):
     pipe, quantized = wan
-    pipe.save_pretrained(tmp_path / "pipe")
     save_quantized(quantized, CONFIG, tmp_path / "ckpt", dtype=torch.float32)
     out = tmp_path / "eval"
-    args = ["--pipeline", str(tmp_path / "pipe"), "--checkpoint", str(tmp_path / "ckpt"), "--prompts", PROMPTS[1]]
+    args = ["--pipeline", str(wan_folder), "--checkpoint", str(tmp_path / "ckpt"), "--prompts", PROMPTS[1]]
     args += ["--size", "32,32", "--num-frames", "5", "--max-sequence-length", "16", "--steps", "2", "--seeds", "7"]
     args += ["--max-layers", "2", "--output", str(out), "--no-progress"]
     assert main(args) == 0
@@ -104,7 +110,7 @@ def test_wan_cli_with_checkpoint_frames_psnr_matches_sampling_by_hand(wan, tmp_p
     assert len(measured) == 2 and r["layers"][:2] == measured
     assert sorted(row["output_rel_error"] for row in measured) == sorted(own[:2])
     # PSNR written out from frames sampled here by the pipeline itself, with each transformer
-    base = type(pipe).from_pretrained(tmp_path / "pipe")
+    base = type(pipe).from_pretrained(wan_folder)
     base.set_progress_bar_config(disable=True)
     call = {**WAN_CALL, "num_inference_steps": 2}
     a = _frames(base, PROMPTS[1], 7, **call)
@@ -113,6 +119,25 @@ def test_wan_cli_with_checkpoint_frames_psnr_matches_sampling_by_hand(wan, tmp_p
     expected = 10 * math.log10(1.0 / np.mean((a - b) ** 2))  # frames in [0, 1]
     assert r["frames"]["psnr_db"] == pytest.approx(expected, rel=1e-6)
     assert r["frames"]["per_prompt"][0]["psnr_db"] == r["frames"]["psnr_db"]
+
+
+def test_wan_cli_with_a_comfyui_native_export(wan, wan_folder, tmp_path):
+    """`--checkpoint` may be a ComfyUI-native single file (here W4A8, whose layers run without comfy-kitchen)."""
+    from qvgen.adapters.comfy.native import export_comfy
+
+    pipe, _ = wan
+    student = copy.deepcopy(pipe.transformer)
+    cfg = QVGenConfig(scheme="w4a8_int8", act_bits=8, rank=0, n_buckets=1)
+    convert_model(student, cfg, progress=False)
+    path = export_comfy(student, cfg, tmp_path / "wan-w4a8.safetensors", dtype=torch.float32).path
+    out = tmp_path / "eval"
+    args = ["--pipeline", str(wan_folder), "--checkpoint", str(path), "--size", "32,32", "--num-frames", "5"]
+    args += ["--max-sequence-length", "16", "--steps", "2", "--num-prompts", "1", "--guidance-scale", "1"]
+    args += ["--no-one-at-a-time", "--output", str(out), "--no-progress"]
+    assert main(args) == 0
+    r = json.loads((out / "eval.json").read_text())
+    assert {row["layer"] for row in r["layers"]} == set(quantized_layers(student))
+    assert all(s["velocity_mse"] > 0 for s in r["velocity_per_step"]) and r["frames"]["psnr_db"] > 0
 
 
 @pytest.fixture(scope="module")
