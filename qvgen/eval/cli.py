@@ -60,10 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
         "for guidance; the text encoder is then not loaded)",
     )
     p.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], help="one per prompt (default 0, 1, …)")
-    p.add_argument("--steps", type=int, default=20, help="Euler flow-matching steps")
+    p.add_argument(
+        "--steps", type=int, default=20, help="sampling steps (Euler flow matching; --pipeline: its own scheduler)"
+    )
     p.add_argument("--shift", type=float, default=None, help="σ shift (default: 1 for the demo, 3 otherwise)")
     p.add_argument("--latent-shape", type=lambda v: tuple(int(s) for s in v.split(",")), help="C,F,H,W")
-    p.add_argument("--one-at-a-time", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--one-at-a-time",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="per-layer 'alone' error: one forward per layer at 3 points of the trajectory",
+    )
     p.add_argument("--max-layers", type=int, help="one-at-a-time pass: only the N layers with the largest own error")
     g = p.add_argument_group("--pipeline sampling (default: the pipeline's own)")
     g.add_argument("--size", type=lambda v: tuple(int(s) for s in v.split(",")), help="H,W of the video")
