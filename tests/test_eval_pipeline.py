@@ -100,6 +100,11 @@ def test_wan_cli_with_checkpoint_frames_psnr_matches_sampling_by_hand(wan, wan_f
     args += ["--max-layers", "2", "--output", str(out), "--no-progress"]
     assert main(args) == 0
     r = json.loads((out / "eval.json").read_text())
+    assert set(r) == {
+        *("quantized", "original", "pipeline", "prompts", "pipeline_arguments", "seeds", "num_steps"),
+        *("velocity_mse_mean", "velocity_per_step", "layers", "frames", "environment"),
+    }
+    assert r["pipeline_arguments"] == WAN_CALL and set(r["frames"]) == {"psnr_db", "ssim", "per_prompt"}
     assert r["pipeline"] == "WanPipeline" and r["prompts"] == PROMPTS[1:] and r["seeds"] == [7]
     assert r["quantized"] == str(tmp_path / "ckpt") and r["environment"]["argv"] == args
     assert (out / "eval.png").stat().st_size > 1000 and (out / "frames.png").stat().st_size > 1000

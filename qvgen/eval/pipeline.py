@@ -142,6 +142,7 @@ def evaluate_pipeline(
     `prompts[i]` holds the pipeline arguments of prompt `i` (`prompt=` or `prompt_embeds=`, ...), sampled
     from seed `i`; `call` the other pipeline arguments (size, frames, guidance). A quantized model
     without QVGen layers (e.g. a copy of the original) is compared without the per-layer table.
+    `first_frames` holds each prompt's (original, quantized) first frame, for `side_by_side`.
     """
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")

@@ -18,7 +18,7 @@ def plot(result: dict[str, Any], path: Path, top: int = 12) -> Path:
     rows = [r for r in rows if key in r][:top]  # a --max-layers cap measures only the first rows alone
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110, gridspec_kw={"width_ratios": [1, 1.2]})
     ax.plot([s["timestep"] for s in steps], [s["velocity_mse"] for s in steps], marker="o", ms=3)
-    ax.set_xlabel("timestep (1000 σ); sampling runs left to right")
+    ax.set_xlabel("timestep (flow matching: 1000 σ); sampling runs left to right")
     ax.set_ylabel("velocity MSE vs original")
     ax.set_yscale("log")
     ax.invert_xaxis()
