@@ -11,8 +11,8 @@ one batched call), so the error is the transformer's, before guidance mixes the 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -54,26 +54,24 @@ class TransformerTap:
         self.timestep: dict[int, float] = {}
         self.points: list[dict] = []
 
-    def forward(self, original_forward, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, original_forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         t = kwargs.get("timestep")
         if t is None or args:
             raise ValueError("qvgen.eval: the pipeline called its transformer without keyword `timestep`")
-        if self.probe is not None:
-            with self.probe.measuring(t):
-                out = original_forward(**kwargs)
-        else:
+        with self.probe.measuring(t) if self.probe is not None else nullcontext():
             out = original_forward(**kwargs)
-        v = _first(out).float()
-        v_q = _first(self.quantized(**kwargs)).float()
+        self._record(kwargs, t, _first(out).float(), _first(self.quantized(**kwargs)).float())
+        return out
+
+    def _record(self, kwargs: dict[str, Any], t: Tensor, v: Tensor, v_q: Tensor) -> None:
         k = self.step
         self.sq[k] = self.sq.get(k, 0.0) + float((v_q - v).pow(2).mean())
         self.ref[k] = self.ref.get(k, 0.0) + float(v.pow(2).mean())
         self.calls[k] = self.calls.get(k, 0) + 1
         self.timestep.setdefault(k, float(t.reshape(-1)[0]))
-        if k in self.capture:
+        if k in self.capture:  # a point of the one-layer-at-a-time pass
             inputs = {n: _detached(x) for n, x in kwargs.items() if n != "return_dict"}
             self.points.append({"inputs": inputs, "timestep": t.detach().clone(), "reference": v})
-        return out
 
 
 @contextmanager
@@ -103,7 +101,9 @@ def call_default(pipe: Any, name: str) -> Any:
     return None if param is None else param.default
 
 
-def _sample(pipe: Any, prompt: dict[str, Any], seed: int, call: dict[str, Any], on_step) -> np.ndarray:
+def _sample(
+    pipe: Any, prompt: dict[str, Any], seed: int, call: dict[str, Any], on_step: Callable[[int], None]
+) -> np.ndarray:
     def callback(_pipe: Any, i: int, _t: Any, _kw: dict) -> dict:
         on_step(i)
         return {}
