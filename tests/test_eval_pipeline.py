@@ -165,10 +165,12 @@ def test_cogvideox_cli_rtn_ptq_with_prompt_embeds(cogvideox_folder, tmp_path):
         "--prompt-embeds",
         str(cogvideox_folder / "embeds.safetensors"),
     ]
-    args += ["--steps", "2", "--seeds", "4,5", "--no-one-at-a-time", "--output", str(out), "--no-progress"]
-    assert main(args) == 0
+    args += ["--steps", "2", "--seeds", "4,5", "--keep", "proj_out", "--no-one-at-a-time", "--output", str(out)]
+    assert main([*args, "--no-progress"]) == 0
     r = json.loads((out / "eval.json").read_text())
-    assert r["pipeline"] == "CogVideoXPipeline" and r["quantized"].endswith("W4A4 round-to-nearest PTQ")
+    assert r["pipeline"] == "CogVideoXPipeline"
+    assert r["quantized"] == "pipeline transformer, W4A4 round-to-nearest PTQ, proj_out kept in full precision"
+    assert "proj_out" not in {row["layer"] for row in r["layers"]}
     assert r["prompts"] is None and [f["seed"] for f in r["frames"]["per_prompt"]] == [4, 5]
     assert all(s["velocity_mse"] > 0 for s in r["velocity_per_step"]) and len(r["velocity_per_step"]) == 2
     assert 0 < r["frames"]["ssim"] < 1 and r["frames"]["psnr_db"] > 0
@@ -176,12 +178,12 @@ def test_cogvideox_cli_rtn_ptq_with_prompt_embeds(cogvideox_folder, tmp_path):
     assert (out / "eval.png").is_file() and (out / "frames.png").is_file()
 
 
-def test_prompt_embeds_without_negatives_need_guidance_off(cogvideox_folder, tmp_path):
-    args = [
-        "--pipeline",
-        str(cogvideox_folder / "pipe"),
-        "--prompt-embeds",
-        str(cogvideox_folder / "positive.safetensors"),
-    ]
+def test_pipeline_input_errors_name_the_file_and_what_is_expected(cogvideox_folder, tmp_path):
+    pipe = ["--pipeline", str(cogvideox_folder / "pipe"), "--output", str(tmp_path), "--no-progress"]
     with pytest.raises(SystemExit, match="positive.safetensors: guidance scale 6 needs a 'negative_prompt_embeds'"):
-        main([*args, "--output", str(tmp_path), "--no-progress"])
+        main([*pipe, "--prompt-embeds", str(cogvideox_folder / "positive.safetensors")])
+    save_file({"embeds": torch.zeros(1, 16, 32)}, tmp_path / "wrong.safetensors")
+    with pytest.raises(SystemExit, match="wrong.safetensors: expected a \\(B, L, D\\) tensor named 'prompt_embeds'"):
+        main([*pipe, "--prompt-embeds", str(tmp_path / "wrong.safetensors")])
+    with pytest.raises(SystemExit, match="--pipeline org/not-cached: .*nothing is downloaded"):
+        main(["--pipeline", "org/not-cached", "--output", str(tmp_path), "--no-progress"])
