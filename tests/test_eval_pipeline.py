@@ -16,8 +16,8 @@ from tiny_models import tiny_cogvideox_pipeline, tiny_wan_pipeline
 
 from qvgen.api import load_quantized_model, save_quantized
 from qvgen.config import QVGenConfig
+from qvgen.eval import evaluate_pipeline
 from qvgen.eval.cli import main
-from qvgen.eval.pipeline import evaluate_pipeline
 from qvgen.surgery import convert_model, quantized_layers
 
 WAN_CALL = {"height": 32, "width": 32, "num_frames": 5, "max_sequence_length": 16}  # 2 latent frames of 4×4
