@@ -137,3 +137,25 @@ def test_cli_on_checkpoint_folder_and_diffusers_original(models, tmp_path):
     worst = max(r["layers"], key=lambda row: row["output_rel_error"])
     assert worst["layer"] == DAMAGED  # the packed model's layer, exported from the damaged student
     assert len(r["velocity_per_step"]) == 2 and r["environment"]["argv"] == args
+
+
+def test_max_layers_caps_the_one_at_a_time_pass(models):
+    """Only the `max_layers` layers with the largest own output error get the one-layer-at-a-time
+    forward passes; they lead the table, the rest follow by their own error."""
+    original, quantized, _ = models
+    full = evaluate(original, quantized, _embeds(1), [0], SHAPE, num_steps=1, progress=False)["layers"]
+    capped = evaluate(original, quantized, _embeds(1), [0], SHAPE, num_steps=1, max_layers=2, progress=False)["layers"]
+    by_own = sorted(full, key=lambda r: -r["output_rel_error"])
+    measured = [r for r in capped if "velocity_mse_alone" in r]
+    assert {r["layer"] for r in measured} == {r["layer"] for r in by_own[:2]} and capped[:2] == measured
+    assert [r["output_rel_error"] for r in capped[2:]] == sorted(
+        (r["output_rel_error"] for r in capped[2:]), reverse=True
+    )
+    alone = {r["layer"]: r["velocity_mse_alone"] for r in full}
+    assert all(r["velocity_mse_alone"] == alone[r["layer"]] for r in measured)  # same passes, same values
+    assert (
+        "velocity_mse_alone"
+        not in evaluate(original, quantized, _embeds(1), [0], SHAPE, num_steps=1, max_layers=0, progress=False)[
+            "layers"
+        ][0]
+    )

@@ -75,25 +75,36 @@ class LayerProbe:
 
 
 def layer_table(probe: LayerProbe, alone: dict[str, float] | None) -> list[dict]:
-    """Rows sorted by the error each layer causes alone (else by its own output error), largest first."""
+    """Rows sorted by the error each layer causes alone (else by its own output error), largest first;
+    layers `alone` leaves out (a `--max-layers` cap) follow, by their own output error."""
     rel = probe.output_errors()
+    alone = alone or {}
     rows = [
-        {"layer": n, "output_rel_error": rel[n], **({"velocity_mse_alone": alone[n]} if alone else {})}
+        {"layer": n, "output_rel_error": rel[n], **({"velocity_mse_alone": alone[n]} if n in alone else {})}
         for n in probe.pairs
     ]
-    key = "velocity_mse_alone" if alone else "output_rel_error"
-    return sorted(rows, key=lambda r: -r[key])
+    return sorted(rows, key=lambda r: (-r.get("velocity_mse_alone", -1.0), -r["output_rel_error"]))
+
+
+def most_sensitive(probe: LayerProbe, count: int | None) -> list[str]:
+    """The `count` layers with the largest own output error (all when None): where a capped
+    one-at-a-time pass spends its forward passes."""
+    rel = probe.output_errors()
+    return sorted(rel, key=lambda n: -rel[n])[:count]
 
 
 @torch.no_grad()
-def errors_alone(probe: LayerProbe, original: nn.Module, points: list[dict], progress: bool) -> dict[str, float]:
-    """Velocity MSE of the original with one layer quantized at a time, averaged over trajectory `points`."""
+def errors_alone(
+    probe: LayerProbe, original: nn.Module, points: list[dict], progress: bool, names: list[str] | None = None
+) -> dict[str, float]:
+    """Velocity MSE of the original with one layer quantized at a time (each of `names`, default all),
+    averaged over trajectory `points`."""
     from tqdm.auto import tqdm
 
     from ..train.objectives import predict
 
     out = {}
-    for name in tqdm(probe.pairs, desc="qvgen.eval: one layer at a time", disable=not progress):
+    for name in tqdm(names or list(probe.pairs), desc="qvgen.eval: one layer at a time", disable=not progress):
         total = 0.0
         for p in points:
             with probe.swapped(name, p["timestep"]):

@@ -13,11 +13,12 @@ def plot(result: dict[str, Any], path: Path, top: int = 12) -> Path:
     import matplotlib.pyplot as plt
 
     steps = result["velocity_per_step"]
-    rows = result["layers"][:top]
+    rows = result["layers"]
     key = "velocity_mse_alone" if rows and "velocity_mse_alone" in rows[0] else "output_rel_error"
+    rows = [r for r in rows if key in r][:top]  # a --max-layers cap measures only the first rows alone
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110, gridspec_kw={"width_ratios": [1, 1.2]})
     ax.plot([s["timestep"] for s in steps], [s["velocity_mse"] for s in steps], marker="o", ms=3)
-    ax.set_xlabel("timestep (1000 σ); sampling runs left to right")
+    ax.set_xlabel("timestep (flow matching: 1000 σ); sampling runs left to right")
     ax.set_ylabel("velocity MSE vs original")
     ax.set_yscale("log")
     ax.invert_xaxis()

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..demo.teacher import sigma_schedule
 from ..train.objectives import predict
 from .image_metrics import psnr, ssim
-from .layers import LayerProbe, errors_alone, layer_table
+from .layers import LayerProbe, errors_alone, layer_table, most_sensitive
 
 PROBE_SIGMAS = (0.9, 0.5, 0.1)  # trajectory points of the one-layer-at-a-time measurement
 
@@ -37,10 +37,12 @@ def evaluate(
     shift: float = 1.0,
     pixel_range: float | None = None,
     one_at_a_time: bool = True,
+    max_layers: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Velocity error per step, frame PSNR/SSIM (when `pixel_range`: samples are frames in ±range/2) and the
-    per-layer table, for flow-matching models with Wan's call convention; prompt `i` is sampled from seed `i`."""
+    per-layer table, for flow-matching models with Wan's call convention; prompt `i` is sampled from seed `i`;
+    the one-layer-at-a-time pass covers the `max_layers` layers with the largest own error (default all)."""
     if len(seeds) != prompt_embeds.shape[0]:
         raise ValueError(f"{prompt_embeds.shape[0]} prompts but {len(seeds)} seeds: give one seed per prompt")
     sigmas = sigma_schedule(num_steps, shift).tolist()
@@ -78,7 +80,9 @@ def evaluate(
         }
         for k in range(num_steps)
     ]
-    alone = errors_alone(probe, original, points, progress) if one_at_a_time else None
+    alone = None
+    if one_at_a_time and max_layers != 0:
+        alone = errors_alone(probe, original, points, progress, most_sensitive(probe, max_layers))
     result: dict[str, Any] = {
         "seeds": list(seeds),
         "num_steps": num_steps,
