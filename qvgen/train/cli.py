@@ -196,7 +196,8 @@ def quant_config(args: argparse.Namespace) -> QVGenConfig:
 
 
 def export_path(args: argparse.Namespace) -> Path:
-    """Where the export goes: the `transformer` folder, or ComfyUI's single file for its native schemes."""
+    """Where the export goes: the `transformer` folder, or ComfyUI's single file for its native schemes
+    (which also leave the same tensors as a diffusers `transformer` folder next to it)."""
     if get_scheme(args.scheme).file_format == "comfy":
         return args.output / "comfyui" / f"diffusion_model_{args.scheme}.safetensors"
     return args.output / "transformer"
@@ -267,6 +268,8 @@ def run(args: argparse.Namespace) -> Path:
         logging.getLogger("qvgen.train").info("%s", report)
         print(f"ComfyUI {qconfig.scheme} checkpoint written to {report.path} (load it with 'Load Diffusion Model')")
         print(report)
+        folder = save_quantized(result.student, qconfig, args.output / "transformer", dtype=dtype)
+        print(f"diffusers folder of the same tensors written to {folder} (WanTransformer3DModel.from_pretrained)")
         export = report.path
     else:
         export = save_quantized(result.student, qconfig, export_path(args), dtype=dtype)
