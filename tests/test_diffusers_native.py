@@ -241,3 +241,44 @@ def test_save_quantized_path_picks_file_or_folder(tmp_path):
         save_quantized(model, cfg, tmp_path / "x", single_file=True)
     with pytest.raises(CheckpointError, match=r"diffusers folder to any other path"):
         save_quantized(model, cfg, tmp_path / "x.safetensors", single_file=False)
+
+
+# ---- python -m qvgen.train and the Hub ------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_leaves_the_diffusers_folder_next_to_the_comfyui_file(tmp_path, monkeypatch):
+    """`python -m qvgen.train --scheme w4a8_int8`: OUTPUT/comfyui/<file> as before, OUTPUT/transformer holding
+    the same tensors, which `WanPipeline.from_pretrained(base, transformer=...)` runs; `qvgen.hub push`
+    stages both."""
+    from diffusers import WanPipeline
+    from tiny_models import tiny_wan_pipeline, write_clips
+
+    from qvgen.hub import main as hub_main
+    from qvgen.train.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = tiny_wan_pipeline()
+    pipe.transformer = tiny_wan(num_attention_heads=2, attention_head_dim=128, ffn_dim=512)
+    pipe.save_pretrained(tmp_path / "pipe")
+    write_clips(tmp_path / "data", n=2, layout="jsonl")
+    out = tmp_path / "run"
+    args = ["--model", str(tmp_path / "pipe"), "--data", str(tmp_path / "data"), "--output", str(out)]
+    args += ["--num-frames", "5", "--height", "32", "--width", "32", "--max-text-len", "8", "--steps", "2"]
+    args += ["--rank", "0", "--act-bits", "8", "--no-progress", "--scheme", "w4a8_int8"]
+    assert main(args) == 0
+    file = out / "comfyui" / "diffusion_model_w4a8_int8.safetensors"
+    transformer = WanTransformer3DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32)
+    assert_same_model(transformer, load_quantized_model(file), "w4a8_int8")  # bf16 export, both upcast
+    pipe = WanPipeline.from_pretrained(tmp_path / "pipe", transformer=transformer)
+    frames = pipe("a red circle", num_inference_steps=2, height=16, width=16, num_frames=5, output_type="pt").frames
+    assert frames.shape[1] == 5 and torch.isfinite(frames).all()
+    (tmp_path / "pipe" / "LICENSE").write_text("Apache License 2.0 (test copy)\n")
+    staged = tmp_path / "staged"
+    assert hub_main(["push", str(out), "org/x", "--base-model", str(tmp_path / "pipe"), "--dry-run", str(staged)]) == 0
+    files = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
+    assert files == [
+        "LICENSE",
+        "README.md",
+        "comfyui/x.safetensors",
+        "transformer/config.json",
+        f"transformer/{WEIGHTS}",
+    ]
