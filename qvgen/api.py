@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters.comfy.native import export_comfy, export_native_folder, is_comfy_native, load_comfy_native
+from .adapters.comfy.native import (
+    export_comfy,
+    export_native_folder,
+    is_comfy_native,
+    load_comfy_native,
+    load_native_folder,
+    native_folder_config,
+)
 from .adapters.diffusers_models import empty_model
 from .checkpoint import (
     META_MODEL_CONFIG,
@@ -81,6 +88,9 @@ def load_quantized_model(
             if model_cls is not None:
                 model = empty_model(json.loads(meta.get(META_MODEL_CONFIG, "{}")), path, model_cls)
             return load_comfy_native(path, model, dtype=dtype, device=device)
+    elif native_folder_config(path) is not None:  # the diffusers folder of a ComfyUI-native scheme
+        model = empty_model(json.loads((path / "config.json").read_text()), path, model_cls)
+        return load_native_folder(path, model, dtype=dtype, device=device)
     ckpt = load_checkpoint(path)
     model = empty_model(ckpt.model_config, path, model_cls)
     return load_packed_model(model, ckpt, str(path), dtype=dtype, device=device)

@@ -282,3 +282,115 @@ def test_train_leaves_the_diffusers_folder_next_to_the_comfyui_file(tmp_path, mo
         "transformer/config.json",
         f"transformer/{WEIGHTS}",
     ]
+
+
+# ---- comfy-kitchen's kernels behind one seam (qvgen.adapters.comfy.kitchen) -------------------------------
+def test_loaded_layers_keep_our_compute_on_the_cpu(export, monkeypatch):
+    """Both loaders route the native layers through the seam; on the CPU it keeps the layer's own forward."""
+    from qvgen.adapters.comfy import kitchen
+
+    scheme, file, folder = export
+    monkeypatch.setattr(kitchen, "kitchen_linear", lambda *a, **k: pytest.fail("routed to comfy-kitchen on the CPU"))
+    for model in (load_quantized_model(file), WanTransformer3DModel.from_pretrained(folder)):
+        layers = quantized(model, scheme)
+        assert layers and all(isinstance(m, kitchen.KitchenRoute) for m in layers.values())
+        layer = layers[LAYER]
+        x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+        assert kitchen.gpu_backend(x.device, layer) is None
+        with torch.no_grad():
+            assert torch.equal(layer(x), super(kitchen.KitchenRoute, layer).forward(x))
+        run(model)
+
+
+def _backends(monkeypatch, *available):
+    ck = pytest.importorskip("comfy_kitchen")
+    monkeypatch.setattr(ck.registry, "is_available", lambda name: name in available)
+
+
+def test_gpu_backend_is_the_available_kitchen_backend_for_gpu_inputs(monkeypatch):
+    """Which backend the seam picks, from what comfy-kitchen reports (faked: this machine has no GPU)."""
+    from qvgen.adapters.comfy.kitchen import gpu_backend
+    from qvgen.schemes.convrot import ConvRotLinear
+    from qvgen.schemes.nvfp4 import NVFP4Linear
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    fp4, a8 = NVFP4Linear(32, 16, True, device="meta"), ConvRotLinear(256, 16, True, act_bits=8, device="meta")
+    _backends(monkeypatch, "eager")
+    assert gpu_backend(gpu, fp4) is None  # eager only: our compute (the same values)
+    _backends(monkeypatch, "eager", "triton", "cuda")
+    assert gpu_backend(gpu, fp4) == "cuda" and gpu_backend(gpu, a8) == "cuda" and gpu_backend(cpu, fp4) is None
+    _backends(monkeypatch, "eager", "triton")
+    assert gpu_backend(gpu, fp4) == "triton"
+    assert gpu_backend(gpu, a8) is None  # int8 tokens: only the cuda backend honours linear_dtype "int8"
+
+
+def test_routed_layers_equal_comfy_kitchens_eager_op(export, monkeypatch):
+    """With a backend reported, every native layer runs comfy-kitchen's op (here its eager backend, forced
+    through the seam): the layout tensor the seam builds from the layer's own tensors, `F.linear` on it.
+    Same codes and scales on both sides; only the float GEMM's summation order differs, so max |Δ| ≤
+    1e-5 · max |y| per layer (as tests/test_comfy_native_schemes.py), and the whole model
+    `assert_matches_fake_quant`. NVFP4 runs here as ComfyUI's W4A16 path (comfy-kitchen's eager FP4 GEMM
+    needs torch's swizzled-scale `scaled_mm`, which the CPU lacks); its FP4 operands are compared exactly."""
+    from qvgen.adapters.comfy import kitchen
+
+    scheme, file, _ = export
+    model = load_quantized_model(file)
+    ref = run(model)
+    calls = []
+    routed = kitchen.kitchen_linear
+    monkeypatch.setattr(kitchen, "gpu_backend", lambda device, layer: "eager")
+    monkeypatch.setattr(kitchen, "kitchen_linear", lambda *a, **k: calls.append(a[0]) or routed(*a, **k))
+    layers = quantized(model, scheme)
+    if scheme == "nvfp4":
+        _nvfp4_operands_are_comfy_kitchens(layers[LAYER])
+        for m in layers.values():
+            m.quantize_input = False
+        with monkeypatch.context() as m:
+            m.setattr(kitchen, "gpu_backend", lambda device, layer: None)
+            ref = run(model)
+    for i, (name, layer) in enumerate(layers.items()):
+        x = torch.randn(2, 3, layer.in_features, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            ours, theirs = super(kitchen.KitchenRoute, layer).forward(x), layer(x)
+        err = float((ours - theirs).abs().max())
+        assert err <= 1e-5 * float(theirs.abs().max()), f"{name}: max |Δ| = {err:.3g}"
+    calls.clear()
+    assert_matches_fake_quant(run(model), ref)
+    assert len(calls) == len(layers)  # one comfy-kitchen call per quantized layer in the forward
+
+
+def _nvfp4_operands_are_comfy_kitchens(layer):
+    from comfy_kitchen.tensor import QuantizedTensor
+
+    from qvgen.adapters.comfy import kitchen
+    from qvgen.schemes.nvfp4 import fake_quant
+
+    x = 3 * torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with kitchen.kitchen().registry.use_backend("eager"):
+        w = kitchen.weight_tensor(layer, torch.float32).dequantize()[: layer.out_features]
+        xq = QuantizedTensor.from_float(x, kitchen.NVFP4_LAYOUT, scale=layer.input_scale).dequantize()
+    assert torch.equal(w, layer.dequantize_weight()) and torch.equal(xq, fake_quant(x, layer.input_scale))
+
+
+def test_load_quantized_model_reads_the_folder_too(export):
+    scheme, file, folder = export
+    assert_same_model(load_quantized_model(folder), load_quantized_model(file), scheme)
+
+
+def test_routed_nvfp4_layer_with_padded_rows(monkeypatch):
+    """NVFP4 stores rows padded to 16 and the bias unpadded: the seam cuts comfy-kitchen's output first."""
+    from qvgen.adapters.comfy import kitchen
+    from qvgen.schemes import nvfp4
+
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(20, 32, generator=g), torch.randn(20, generator=g)
+    layer = nvfp4.NVFP4Linear(32, 20, True, quantize_input=False)
+    layer.load_state_dict({**nvfp4.quantize_weight(w), "bias": b, "input_scale": torch.tensor(1.0)})
+    assert layer.weight.shape[0] == 32 and kitchen.use_comfy_kitchen(torch.nn.Sequential(layer)) == 1
+    x = torch.randn(2, 5, 32, generator=g)
+    with torch.no_grad():
+        ours = layer(x)
+        monkeypatch.setattr(kitchen, "gpu_backend", lambda device, layer: "eager")
+        theirs = layer(x)
+    assert theirs.shape == (2, 5, 20)
+    assert float((ours - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max())  # summation order only

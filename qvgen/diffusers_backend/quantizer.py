@@ -234,6 +234,10 @@ class QVGenQuantizer(DiffusersQuantizer):
         if left:
             raise CheckpointError(f"{self.source}: tensors not found in the checkpoint: {left[:5]}")
         self._restore_offloaded_dtypes(model, offloaded)
+        if self.scheme.file_format == "comfy":
+            from ..adapters.comfy.kitchen import use_comfy_kitchen
+
+            use_comfy_kitchen(model)  # comfy-kitchen's kernels for inputs on a GPU it has kernels for
         return model
 
     def _restore_offloaded_dtypes(self, model: nn.Module, offloaded: dict[str, Any]) -> None:

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with fp8 scales per 16 elements, FP4 tensor cores on RTX 50 / B200); svdquant_w4a4: comfy-kitchen's "
         "SVDQuant W4A4 (int4 groups of 64, smoothing, Φ kept at --final-rank as its low-rank branch); w4a8_int8: "
         "comfy-kitchen's grouped codebook W4A8 (ComfyUI format asym_w4a8_int8, int8 tokens); all but qvgen are "
-        "exported as one ComfyUI .safetensors file (docs/comfyui.md)",
+        "exported as one ComfyUI .safetensors file (docs/comfyui.md) plus the same tensors as a diffusers "
+        "transformer folder (docs/diffusers.md)",
     )
     q.add_argument(
         "--input-transform",

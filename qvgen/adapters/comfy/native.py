@@ -40,14 +40,15 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ...atomic import atomic_dir, atomic_file
-from ...checkpoint import CheckpointError, jsonable, read_safetensors, unquantized_tensors
+from ...checkpoint import CheckpointError, indexed_shards, jsonable, read_safetensors, unquantized_tensors
 from ...config import FORMAT_VERSION, ConfigError, QVGenConfig
 from ...layers import QVGenLinear
 from ...schemes import convrot, get_scheme, nvfp4, svdquant, w4a8
 from ...schemes.convrot import ConvRotLinear
 from ...schemes.nvfp4 import NVFP4Linear
-from ...surgery import unsupported_reason
+from ...surgery import build_packed_model, unsupported_reason
 from ..diffusers_models import empty_model
+from .kitchen import use_comfy_kitchen
 from .names import comfy_to_diffusers, diffusers_to_comfy, to_comfy_state_dict, to_diffusers_state_dict
 
 META_COMFY_QUANT = "_quantization_metadata"
@@ -519,13 +520,54 @@ def load_comfy_native(
         except ValueError as e:
             raise ComfyNativeError(f"{f.path}: {e}") from None
         model.set_submodule(name, layer)
-    _load_strict(model, state, f.path)
+    return _finish(model, state, f.path, dtype, device)
+
+
+def _finish(model: nn.Module, state: dict[str, Tensor], path: Path, dtype: torch.dtype, device) -> nn.Module:
+    _load_strict(model, state, path)
     model.to(device=device)
     for m in model.modules():  # full-precision tensors follow the compute dtype; codes and scales keep theirs
         for pname, p in list(m.named_parameters(recurse=False)):
             if p.is_floating_point() and pname not in getattr(m, "keep_dtype", ()):
                 setattr(m, pname, nn.Parameter(p.data.to(dtype), requires_grad=False))
+    use_comfy_kitchen(model)  # comfy-kitchen's kernels for inputs on a GPU it has kernels for
     return model.eval()
+
+
+def native_folder_config(folder: Path) -> QVGenConfig | None:
+    """The config of a diffusers folder written by `export_native_folder` (None for any other folder)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text()).get(META_QCONFIG)
+        config = QVGenConfig.from_dict(raw, source=f"{folder / 'config.json'}: {META_QCONFIG}")
+    except (OSError, json.JSONDecodeError, AttributeError, TypeError, ConfigError):
+        return None
+    return config if config.scheme in _BY_SCHEME else None
+
+
+def load_native_folder(
+    folder: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """`load_comfy_native` for the diffusers folder of a ComfyUI-native scheme (`export_native_folder`):
+    the scheme's inference layers (`Scheme.shell`) filled with the folder's tensors, checked strictly."""
+
+    folder = Path(folder)
+    config = native_folder_config(folder)
+    if config is None:
+        raise ComfyNativeError(f"{folder}: no config.json with a ComfyUI-native scheme's '{META_QCONFIG}'")
+    if model is None:
+        model = empty_model(json.loads((folder / "config.json").read_text()), folder)
+    build_packed_model(model, config, dtype=dtype, device="meta")
+    state: dict[str, Tensor] = {}
+    for f in indexed_shards(folder) or [folder / "diffusion_pytorch_model.safetensors"]:
+        try:
+            state.update(read_safetensors(f)[0])
+        except CheckpointError as e:
+            raise ComfyNativeError(str(e)) from None
+    return _finish(model, state, folder, dtype, device)
 
 
 def _build_model(f: ComfyNativeFile) -> nn.Module:
