@@ -151,6 +151,32 @@ def test_device_map_cpu_loads_the_same_model(export):
     assert_same_model(loaded, load_quantized_model(file), scheme)
 
 
+DISK_MAP = {
+    **dict.fromkeys(["rope", "patch_embedding", "condition_embedder", "scale_shift_table", "blocks.0"], "cpu"),
+    **{"blocks.1": "disk", "norm_out": "cpu", "proj_out": "cpu"},
+}
+
+
+def test_disk_offload_in_bf16_keeps_the_formats_dtypes(export, tmp_path):
+    """diffusers casts what it offloads to disk to `torch_dtype`; the quantizer re-reads the fixed-dtype
+    tensors (fp8 and float32 scales) exactly: every offloaded tensor equals the in-memory load's, dtype
+    included. The outputs then differ at most by the bf16 GEMM's summation order (the two copies may sit
+    at differently aligned addresses): max |Δ| ≤ 2e-2 · max |y|, as for bf16 in test_comfy_native_schemes.py."""
+    _, _, folder = export
+    ref = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).get_submodule("blocks.1.attn1.to_q")
+    model = WanTransformer3DModel.from_pretrained(
+        folder, torch_dtype=torch.bfloat16, device_map=DISK_MAP, offload_folder=tmp_path / "offload"
+    )
+    layer = model.get_submodule("blocks.1.attn1.to_q")
+    for name, p in ref.named_parameters():
+        offloaded = layer._hf_hook.weights_map[name]
+        assert offloaded.dtype == p.dtype and torch.equal(offloaded, p), name
+    x = torch.randn(1, 6, layer.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        y, want = layer(x).float(), ref(x).float()
+    assert float((y - want).abs().max()) <= 2e-2 * float(want.abs().max())
+
+
 def test_dequantize_gives_plain_linear_layers(export):
     scheme, file, folder = export
     loaded = WanTransformer3DModel.from_pretrained(folder)
