@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters.comfy.native import export_comfy, is_comfy_native, load_comfy_native
+from .adapters.comfy.native import (
+    export_comfy,
+    export_native_folder,
+    is_comfy_native,
+    load_comfy_native,
+    load_native_folder,
+    native_folder_config,
+)
 from .adapters.diffusers_models import empty_model
 from .checkpoint import (
     META_MODEL_CONFIG,
@@ -39,15 +46,21 @@ def save_quantized(
     max_shard_size: str = "10GB",
 ) -> Path:
     """Write a quantized model: a QVGen checkpoint (a folder, or one file when `path` ends in
-    `.safetensors`), or for schemes shipped in ComfyUI's format always one `.safetensors` file."""
+    `.safetensors`); for schemes shipped in ComfyUI's format, ComfyUI's single file when `path` ends
+    in `.safetensors`, else a diffusers folder of the same tensors (`from_pretrained` loads it)."""
     path = Path(path)
     if get_scheme(config.scheme).file_format == "comfy":
-        if path.suffix != ".safetensors" or single_file is False:
+        one_file = path.suffix == ".safetensors" if single_file is None else single_file
+        if one_file != (path.suffix == ".safetensors"):
             raise CheckpointError(
-                f"{path}: scheme {config.scheme!r} exports one ComfyUI .safetensors file; "
-                "pass a path ending in .safetensors"
+                f"{path}: scheme {config.scheme!r} writes ComfyUI's single file to a path ending in .safetensors "
+                "and a diffusers folder to any other path"
             )
-        return export_comfy(model, config, path, model_config=model_config, dtype=dtype).path
+        if one_file:
+            return export_comfy(model, config, path, model_config=model_config, dtype=dtype).path
+        return export_native_folder(
+            model, config, path, model_config=model_config, dtype=dtype, max_shard_size=max_shard_size
+        )
     return save_packed(
         model,
         config,
@@ -75,6 +88,9 @@ def load_quantized_model(
             if model_cls is not None:
                 model = empty_model(json.loads(meta.get(META_MODEL_CONFIG, "{}")), path, model_cls)
             return load_comfy_native(path, model, dtype=dtype, device=device)
+    elif native_folder_config(path) is not None:  # the diffusers folder of a ComfyUI-native scheme
+        model = empty_model(json.loads((path / "config.json").read_text()), path, model_cls)
+        return load_native_folder(path, model, dtype=dtype, device=device)
     ckpt = load_checkpoint(path)
     model = empty_model(ckpt.model_config, path, model_cls)
     return load_packed_model(model, ckpt, str(path), dtype=dtype, device=device)

@@ -18,7 +18,7 @@ Repository layout (a diffusers pipeline repo):
     README.md                                                        (model card)
 A model trained for a ComfyUI-native scheme (`--scheme convrot_w4a4`, `nvfp4`) is its one file:
 such a repo holds `comfyui/<name>.safetensors` (ComfyUI's own format), the base model's license
-and the card.
+and the card, plus the run's `transformer/` folder (the same tensors for diffusers) when there is one.
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ def find_source(path: str | os.PathLike) -> Source:
     comfy = _comfy_native_file(path)
     if comfy is not None:
         run = comfy.parent.parent
-        return Source(None, run if (run / "train_config.json").is_file() else None, comfy_file=comfy)
+        folder = run / TRANSFORMER if (run / TRANSFORMER / CONFIG_NAME).is_file() else None  # its diffusers form
+        return Source(folder, run if (run / "train_config.json").is_file() else None, comfy_file=comfy)
     if not path.is_dir():
         raise HubError(f"{path}: not a folder (expected a QVGen training output or transformer folder)")
     for folder in (path, path / TRANSFORMER):
@@ -169,8 +170,7 @@ def _comfy_native_file(path: Path) -> Path | None:
     from .checkpoint import read_safetensors_metadata
 
     files = [path] if path.is_file() else sorted((path / COMFYUI_DIR).glob("*.safetensors")) if path.is_dir() else []
-    if path.is_dir() and (path / TRANSFORMER).is_dir():
-        return None  # a QVGen export: its comfyui/ file (if any) is a copy
+    # a QVGen export's comfyui/ copy (scheme "qvgen") is not native: its transformer/ folder is the source
     native = [f for f in files if f.suffix == ".safetensors" and is_comfy_native(read_safetensors_metadata(f))]
     if len(native) > 1:
         raise HubError(f"{path}: several ComfyUI-native files {[f.name for f in native]}; pass the one to push")
@@ -275,6 +275,8 @@ def _stage_comfy_file(src: Source, repo_id: str, staging: Path, base_model, base
     single = f"{COMFYUI_DIR}/{repo_id.split('/')[-1]}.safetensors"
     (staging / COMFYUI_DIR).mkdir()
     _link(src.comfy_file, staging / single)
+    if src.transformer is not None:  # the same tensors as a diffusers folder (python -m qvgen.train writes both)
+        _link_tree(src.transformer, staging / TRANSFORMER)
     info = CardInfo(
         repo_id=repo_id,
         base_model=_hub_id(str(base_model)),

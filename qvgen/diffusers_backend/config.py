@@ -8,6 +8,9 @@ It *is* a `QVGenConfig` (same fields, same validation, same JSON) and a diffuser
 from __future__ import annotations
 
 import enum
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
@@ -65,6 +68,20 @@ class QVGenQuantizationConfig(QVGenConfig, QuantizationConfigMixin):
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return self.to_json()
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike) -> QVGenQuantizationConfig:
+        """The `quantization_config` a QVGen single file records in its metadata (a ComfyUI-native export
+        or a QVGen single file), for `from_single_file(path, quantization_config=...)`; reads the header only."""
+        from ..checkpoint import META_QCONFIG, CheckpointError, read_safetensors_metadata
+
+        raw = read_safetensors_metadata(Path(path)).get(META_QCONFIG)
+        if raw is None:
+            raise CheckpointError(
+                f"{path}: no '{META_QCONFIG}' in the safetensors metadata (not written by QVGen); "
+                "load a ComfyUI-native file without it through qvgen.load_comfy_native"
+            )
+        return cls.from_dict(json.loads(raw))
 
     def to_qvgen_config(self) -> QVGenConfig:
         """The plain core config (for `qvgen.checkpoint`, `build_packed_model`, …)."""

@@ -14,11 +14,19 @@ Diffusers' own `from_pretrained` does the loading; this class only shapes the mo
 
 `save_pretrained` of either writes the QVGen checkpoint format (docs/format.md) unchanged: the
 model's state dict *is* the format.
+
+The schemes shipped in ComfyUI's native format (`convrot_w4a4`, `nvfp4`, `svdquant_w4a4`,
+`w4a8_int8`) take the same route with their own inference layers: the scheme's registry record
+(`Scheme.shell`, `Scheme.inference_types`) builds the shells, and a tensor keeps its stored dtype
+when the layer says so (integer codes, fp8 scales, its `keep_dtype`). Their diffusers folder is
+`qvgen.save_quantized(model, config, folder)`; `from_single_file` reads ComfyUI's file itself
+(`maybe_update_state_dict`: the file's `comfy_quant` entries are checked, then dropped).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +39,7 @@ from ..config import QVGenConfig
 from ..layers import QVGenLinear
 from ..packed_layer import PACKED_TENSORS, PackedLayerError, check_codes, quantize_linear
 from ..packed_linear import PackedLinear
+from ..schemes import get_scheme
 from ..surgery import build_packed_model, timestep_state, unsupported_reason
 from .config import QVGenQuantizationConfig
 
@@ -56,6 +65,9 @@ class QVGenQuantizer(DiffusersQuantizer):
         self.keep_in_fp32_modules: list[str] = []
         self.source = ""  # the checkpoint file(s) when diffusers tells us, else the model class
         self.files: list[Path] = []  # the checkpoint's safetensors files (diffusers >= 0.39 passes them)
+        self.loaded_keys: list[str] = []  # the checkpoint's tensor names (diffusers >= 0.39 passes them)
+        self.scheme = get_scheme(self.quantization_config.scheme)
+        self.layer_types: tuple[type[nn.Module], ...] = self.scheme.inference_types
 
     # ---- environment and dtype -------------------------------------------------------------
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -84,15 +96,25 @@ class QVGenQuantizer(DiffusersQuantizer):
     ) -> nn.Module:
         self.keep_in_fp32_modules = [m for m in (keep_in_fp32_modules or []) if m is not None]
         self.source = self.source or f"QVGen checkpoint of {type(model).__name__}"
+        if not self.pre_quantized and self.scheme.file_format != "qvgen":
+            raise ValueError(
+                f"quantization_config: scheme {self.scheme.name!r} cannot quantize a full-precision model on load "
+                f"(its scales come from training and calibration); train it with python -m qvgen.train --scheme "
+                f"{self.scheme.name} and load the exported folder, or quantize on load with scheme 'qvgen'"
+            )
         if self.pre_quantized:
             config = self.quantization_config.to_qvgen_config()
             build_packed_model(model, config, dtype=self.compute_dtype or torch.float32, device="meta")
+            if kwargs.get("state_dict") is not None:  # from_single_file hands over the whole (renamed) file
+                keys = set(kwargs["state_dict"])
+                self._check_layer_keys(model, keys, [k for k in model.state_dict() if k not in keys])
         return model
 
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
         """diffusers ≥ 0.39 passes the resolved files here: validate every quantized layer from the
         safetensors headers (no tensor data read), so errors name the file. Older diffusers skip
         this hook and the per-tensor checks in `create_quantized_param` still apply."""
+        self.loaded_keys = list(loaded_keys)
         if self.pre_quantized and checkpoint_files:
             files = [Path(f) for f in checkpoint_files if isinstance(f, (str, Path))]
             pickles = [f for f in files if f.suffix != ".safetensors"]
@@ -104,20 +126,43 @@ class QVGenQuantizer(DiffusersQuantizer):
             if files:
                 self.files = files
                 self.source = str(files[0] if len(files) == 1 else files[0].parent)
-                validate_state_dict(_header_tensors(files), self.quantization_config.to_qvgen_config(), self.source)
+                if self.scheme.file_format == "qvgen":  # native layers are checked tensor by tensor on load
+                    validate_state_dict(_header_tensors(files), self.quantization_config.to_qvgen_config(), self.source)
         return loaded_keys
+
+    def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """`from_single_file` of ComfyUI's native file: check each layer's `comfy_quant` entry against the
+        config's scheme, then drop the entries; diffusers' Wan mapping renames the rest."""
+        if not self.pre_quantized or self.scheme.file_format != "comfy":
+            return state_dict
+        from ..adapters.comfy.native import ComfyNativeError, strip_layer_confs
+
+        try:
+            return strip_layer_confs(state_dict, self.scheme.name, "single file")
+        except ComfyNativeError as e:
+            raise CheckpointError(str(e)) from None
 
     def update_missing_keys(self, model: nn.Module, missing_keys: list[str], prefix: str) -> list[str]:
         if self.pre_quantized:
-            packed = {n for n, m in model.named_modules() if isinstance(m, PackedLinear)}
-            lost = sorted(k for k in missing_keys if k.rpartition(".")[0] in packed)
-            if lost:
-                more = f" (and {len(lost) - 5} more)" if len(lost) > 5 else ""
-                raise CheckpointError(
-                    f"{self.source}: missing tensors of quantized layers: {lost[:5]}{more}; the checkpoint does not "
-                    "match its quantization_config (modules_to_not_convert, current_rank) or is incomplete"
-                )
+            self._check_layer_keys(model, self.loaded_keys, missing_keys)
         return missing_keys
+
+    def _check_layer_keys(self, model: nn.Module, loaded: Iterable[str], missing: Iterable[str]) -> None:
+        """Fail on a quantized layer's tensor the checkpoint lacks, or holds but the layer has no place for
+        (a variant this loader does not run, e.g. W4A8's `weight_correction`: diffusers would only warn)."""
+        packed = {n for n, m in model.named_modules() if isinstance(m, self.layer_types)}
+        lost = sorted(k for k in missing if k.rpartition(".")[0] in packed)
+        if lost:
+            more = f" (and {len(lost) - 5} more)" if len(lost) > 5 else ""
+            raise CheckpointError(
+                f"{self.source}: missing tensors of quantized layers: {lost[:5]}{more}; the checkpoint does not "
+                "match its quantization_config (modules_to_not_convert, current_rank) or is incomplete"
+            )
+        expected = set(model.state_dict())
+        for key in sorted(k for k in loaded if k.rpartition(".")[0] in packed and k not in expected):
+            raise CheckpointError(
+                f"{self.source}: tensor '{key}' is not part of the quantized layer '{key.rpartition('.')[0]}'"
+            )
 
     # ---- while the weights are read ----------------------------------------------------------
     def check_if_quantized_param(
@@ -127,7 +172,7 @@ class QVGenQuantizer(DiffusersQuantizer):
             return False
         owner, _, _ = param_name.rpartition(".")
         try:
-            return isinstance(model.get_submodule(owner), PackedLinear)
+            return isinstance(model.get_submodule(owner), self.layer_types)
         except AttributeError:
             return False
 
@@ -154,9 +199,11 @@ class QVGenQuantizer(DiffusersQuantizer):
             raise CheckpointError(f"{self.source}: tensor '{param_name}' is not part of the quantized layer '{owner}'")
         # The raw tensor as stored: diffusers has already cast floating tensors to `torch_dtype`.
         raw = state_dict[param_name] if state_dict is not None and param_name in state_dict else param_value
-        # The format's dtype rule (qvgen.packed_layer): bias and Φ follow the compute dtype (fp32 inside
-        # `_keep_in_fp32_modules`); every other tensor keeps its fixed dtype, whatever `torch_dtype` is.
-        if PACKED_TENSORS[name].dtype is None:
+        if raw.dtype == torch.uint8 and expected.dtype in (torch.int8, torch.float8_e4m3fn):
+            raw = raw.view(expected.dtype)  # ComfyUI files may store int8 / fp8 bytes as uint8
+        # The format's dtype rule (qvgen.packed_layer, a native layer's `keep_dtype`): bias and Φ follow the
+        # compute dtype (fp32 inside `_keep_in_fp32_modules`); every other tensor keeps its fixed dtype.
+        if fixed_dtype(module, name) is None:
             if not raw.is_floating_point():
                 raise CheckpointError(f"{self.source}: tensor '{param_name}': expected a float tensor, got {raw.dtype}")
             keep_fp32 = any(m in param_name.split(".") for m in self.keep_in_fp32_modules)
@@ -187,6 +234,10 @@ class QVGenQuantizer(DiffusersQuantizer):
         if left:
             raise CheckpointError(f"{self.source}: tensors not found in the checkpoint: {left[:5]}")
         self._restore_offloaded_dtypes(model, offloaded)
+        if self.scheme.file_format == "comfy":
+            from ..adapters.comfy.kitchen import use_comfy_kitchen
+
+            use_comfy_kitchen(model)  # comfy-kitchen's kernels for inputs on a GPU it has kernels for
         return model
 
     def _restore_offloaded_dtypes(self, model: nn.Module, offloaded: dict[str, Any]) -> None:
@@ -201,8 +252,9 @@ class QVGenQuantizer(DiffusersQuantizer):
         wrong = {}
         for name, (loader, key) in offloaded.items():
             owner, _, tensor = name.rpartition(".")
-            fixed = PACKED_TENSORS[tensor].dtype if tensor in PACKED_TENSORS else None
-            if fixed is not None and fixed.is_floating_point and isinstance(model.get_submodule(owner), PackedLinear):
+            module = model.get_submodule(owner)
+            fixed = fixed_dtype(module, tensor) if isinstance(module, self.layer_types) else None
+            if fixed is not None and fixed.is_floating_point:
                 if loader[key].dtype != fixed:  # a small tensor (scales, clipping factors), read once
                     wrong[name] = (loader, key, fixed)
         if not wrong:
@@ -218,16 +270,16 @@ class QVGenQuantizer(DiffusersQuantizer):
             loader.state_dict[key] = raw[name].to(fixed)
 
     def _dequantize(self, model: nn.Module) -> nn.Module:
-        """Replace every `PackedLinear` by an `nn.Linear` holding `s_w (q_w - z_w)` (+ Φ)."""
+        """Replace every quantized layer by an `nn.Linear` holding its dequantized weight (+ Φ)."""
         for name, module in list(model.named_modules()):
-            if not isinstance(module, PackedLinear):
+            if not isinstance(module, self.layer_types):
                 continue
             dtype = module.bias.dtype if module.bias is not None else (self.compute_dtype or torch.float32)
             linear = nn.Linear(
                 module.in_features,
                 module.out_features,
                 bias=module.bias is not None,
-                device=module.qweight.device,
+                device=next(module.parameters()).device,
                 dtype=dtype,
             )
             with torch.no_grad():
@@ -244,6 +296,20 @@ class QVGenQuantizer(DiffusersQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def fixed_dtype(module: nn.Module, name: str) -> torch.dtype | None:
+    """The dtype a quantized layer's tensor keeps whatever `torch_dtype` is (None: it follows the
+    compute dtype): `PACKED_TENSORS` for QVGen's layer; for the others, integer and fp8 tensors and
+    those the layer lists in `keep_dtype`."""
+    if isinstance(module, PackedLinear):
+        return PACKED_TENSORS[name].dtype if name in PACKED_TENSORS else None
+    p = module._parameters.get(name)
+    if p is None:
+        return None
+    if not p.is_floating_point() or p.element_size() == 1 or name in getattr(module, "keep_dtype", ()):
+        return p.dtype
+    return None
 
 
 def _offloaded_tensors(model: nn.Module) -> dict[str, tuple[Any, str]]:

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with fp8 scales per 16 elements, FP4 tensor cores on RTX 50 / B200); svdquant_w4a4: comfy-kitchen's "
         "SVDQuant W4A4 (int4 groups of 64, smoothing, Φ kept at --final-rank as its low-rank branch); w4a8_int8: "
         "comfy-kitchen's grouped codebook W4A8 (ComfyUI format asym_w4a8_int8, int8 tokens); all but qvgen are "
-        "exported as one ComfyUI .safetensors file (docs/comfyui.md)",
+        "exported as one ComfyUI .safetensors file (docs/comfyui.md) plus the same tensors as a diffusers "
+        "transformer folder (docs/diffusers.md)",
     )
     q.add_argument(
         "--input-transform",
@@ -196,7 +197,8 @@ def quant_config(args: argparse.Namespace) -> QVGenConfig:
 
 
 def export_path(args: argparse.Namespace) -> Path:
-    """Where the export goes: the `transformer` folder, or ComfyUI's single file for its native schemes."""
+    """Where the export goes: the `transformer` folder, or ComfyUI's single file for its native schemes
+    (which also leave the same tensors as a diffusers `transformer` folder next to it)."""
     if get_scheme(args.scheme).file_format == "comfy":
         return args.output / "comfyui" / f"diffusion_model_{args.scheme}.safetensors"
     return args.output / "transformer"
@@ -267,6 +269,8 @@ def run(args: argparse.Namespace) -> Path:
         logging.getLogger("qvgen.train").info("%s", report)
         print(f"ComfyUI {qconfig.scheme} checkpoint written to {report.path} (load it with 'Load Diffusion Model')")
         print(report)
+        folder = save_quantized(result.student, qconfig, args.output / "transformer", dtype=dtype)
+        print(f"diffusers folder of the same tensors written to {folder} (WanTransformer3DModel.from_pretrained)")
         export = report.path
     else:
         export = save_quantized(result.student, qconfig, export_path(args), dtype=dtype)

@@ -39,15 +39,16 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ...atomic import atomic_file
-from ...checkpoint import CheckpointError, jsonable, read_safetensors, unquantized_tensors
+from ...atomic import atomic_dir, atomic_file
+from ...checkpoint import CheckpointError, indexed_shards, jsonable, read_safetensors, unquantized_tensors
 from ...config import FORMAT_VERSION, ConfigError, QVGenConfig
 from ...layers import QVGenLinear
 from ...schemes import convrot, get_scheme, nvfp4, svdquant, w4a8
 from ...schemes.convrot import ConvRotLinear
 from ...schemes.nvfp4 import NVFP4Linear
-from ...surgery import unsupported_reason
+from ...surgery import build_packed_model, unsupported_reason
 from ..diffusers_models import empty_model
+from .kitchen import use_comfy_kitchen
 from .names import comfy_to_diffusers, diffusers_to_comfy, to_comfy_state_dict, to_diffusers_state_dict
 
 META_COMFY_QUANT = "_quantization_metadata"
@@ -109,7 +110,24 @@ def comfy_native_state_dict(
     model: nn.Module, config: QVGenConfig, dtype: torch.dtype | None = torch.bfloat16
 ) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str]]:
     """ComfyUI-named tensors, per-layer `comfy_quant` entries, and the linear layers left in full precision."""
+    out, confs, kept = native_state_dict(model, config, dtype)
+    try:
+        out = to_comfy_state_dict(out)
+    except ValueError as e:
+        raise ComfyNativeError(f"ComfyUI-native export supports Wan 2.1 transformers: {e}") from None
 
+    quant = {diffusers_to_comfy(n): dict(c) for n, c in confs.items()}
+    kept = {diffusers_to_comfy(n): why for n, why in kept.items()}
+    for name, c in quant.items():
+        out[f"{name}.comfy_quant"] = encode_layer_conf(c)
+    return out, quant, kept
+
+
+def native_state_dict(
+    model: nn.Module, config: QVGenConfig, dtype: torch.dtype | None = torch.bfloat16
+) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str]]:
+    """The same under diffusers' names (the inference layers' state dict, without `comfy_quant`): what
+    the diffusers folder of a ComfyUI-native scheme holds, and what its diffusers model loads."""
     fmt = scheme_format(config.scheme)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (QVGenLinear, *COMFY_LAYER_TYPES))}
     confs = {n: fmt.conf(m, config) for n, m in layers.items()}
@@ -129,16 +147,7 @@ def comfy_native_state_dict(
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name not in layers:
             kept[name] = unsupported_reason(module, config) or "not selected by the config"
-    try:
-        out = to_comfy_state_dict(out)
-    except ValueError as e:
-        raise ComfyNativeError(f"ComfyUI-native export supports Wan 2.1 transformers: {e}") from None
-
-    quant = {diffusers_to_comfy(n): dict(c) for n, c in confs.items()}
-    kept = {diffusers_to_comfy(n): why for n, why in kept.items()}
-    for name, c in quant.items():
-        out[f"{name}.comfy_quant"] = encode_layer_conf(c)
-    return out, quant, kept
+    return out, confs, kept
 
 
 def encode_layer_conf(conf: dict) -> Tensor:
@@ -172,20 +181,82 @@ def export_comfy(
     if path.suffix != ".safetensors":
         raise ComfyNativeError(f"{path}: a ComfyUI diffusion model is one file ending in .safetensors")
     tensors, quant, kept = comfy_native_state_dict(model, config, dtype)
-    if model_config is None:
-        model_config = dict(getattr(model, "config", {}) or {})
-        if model_config:
-            model_config.setdefault("_class_name", type(model).__name__)
-    rank = config.final_rank if get_scheme(config.scheme).phi_sees_input else 0  # a kept low-rank branch
-    qconfig = QVGenConfig.from_dict({**config.to_dict(), "current_rank": rank, "format_version": FORMAT_VERSION})
     meta = {
         META_COMFY_QUANT: json.dumps({"format_version": COMFY_QUANT_VERSION, "layers": quant}),
-        META_QCONFIG: qconfig.to_json(),
-        META_MODEL_CONFIG: json.dumps(jsonable(model_config)),
+        META_QCONFIG: shipped_config(config).to_json(),
+        META_MODEL_CONFIG: json.dumps(jsonable(_model_config(model) if model_config is None else model_config)),
         "format": "pt",
     }
     atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return ComfyExportReport(path, sorted(quant), kept, path.stat().st_size, fmt.name, runtime_notes(config))
+
+
+def shipped_config(config: QVGenConfig) -> QVGenConfig:
+    """The config an export records: Φ's rank as shipped (a kept low-rank branch, else 0) and this format version."""
+    rank = config.final_rank if get_scheme(config.scheme).phi_sees_input else 0
+    return QVGenConfig.from_dict({**config.to_dict(), "current_rank": rank, "format_version": FORMAT_VERSION})
+
+
+def _model_config(model: nn.Module) -> dict[str, Any]:
+    model_config = dict(getattr(model, "config", {}) or {})
+    if model_config:  # diffusers models: record the class the way `save_config` does
+        model_config.setdefault("_class_name", type(model).__name__)
+    return model_config
+
+
+def export_native_folder(
+    model: nn.Module,
+    config: QVGenConfig,
+    path: str | os.PathLike,
+    *,
+    model_config: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = torch.bfloat16,
+    max_shard_size: str = "10GB",
+) -> Path:
+    """Write a model of a ComfyUI-native scheme as a diffusers model folder (atomically): `config.json`
+    with its `quantization_config`, the inference layers' tensors under diffusers' names, the same
+    tensors and dtypes as `export_comfy`'s file. `WanTransformer3DModel.from_pretrained` loads it
+    once `qvgen` is imported (docs/diffusers.md)."""
+    from huggingface_hub import save_torch_state_dict
+
+    path = Path(path)
+    tensors, _, _ = native_state_dict(model, config, dtype)
+    cfg = jsonable(_model_config(model) if model_config is None else model_config)
+    cfg["quantization_config"] = shipped_config(config).to_dict()
+
+    def write(folder: Path) -> None:
+        save_torch_state_dict(
+            tensors,
+            folder,
+            filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+            max_shard_size=max_shard_size,
+            metadata={"format": "pt"},
+        )
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+    atomic_dir(path, write)
+    return path
+
+
+def strip_layer_confs(state: dict[str, Tensor], scheme: str, source: str) -> dict[str, Tensor]:
+    """A ComfyUI-native state dict (ComfyUI names) checked layer by layer against `scheme`'s format
+    and without its `comfy_quant` entries: what diffusers' single-file loader can map to its names."""
+    fmt = scheme_format(scheme)
+    out = dict(state)
+    for key in [k for k in state if k.endswith(".comfy_quant")]:
+        name = key[: -len(".comfy_quant")]
+        try:
+            conf = decode_layer_conf(out.pop(key))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ComfyNativeError(f"{source}: tensor '{key}': not a JSON layer config ({e})") from None
+        if conf.get("format") != fmt.name:
+            raise ComfyNativeError(
+                f"{source}: tensor '{key}': layer format {conf.get('format')!r}, but quantization_config "
+                f"has scheme {scheme!r} (format {fmt.name!r}); load the file with its own config "
+                "(QVGenQuantizationConfig.from_single_file)"
+            )
+        _validate_layer(Path(source), out, name, conf)
+    return out
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -449,13 +520,54 @@ def load_comfy_native(
         except ValueError as e:
             raise ComfyNativeError(f"{f.path}: {e}") from None
         model.set_submodule(name, layer)
-    _load_strict(model, state, f.path)
+    return _finish(model, state, f.path, dtype, device)
+
+
+def _finish(model: nn.Module, state: dict[str, Tensor], path: Path, dtype: torch.dtype, device) -> nn.Module:
+    _load_strict(model, state, path)
     model.to(device=device)
     for m in model.modules():  # full-precision tensors follow the compute dtype; codes and scales keep theirs
         for pname, p in list(m.named_parameters(recurse=False)):
             if p.is_floating_point() and pname not in getattr(m, "keep_dtype", ()):
                 setattr(m, pname, nn.Parameter(p.data.to(dtype), requires_grad=False))
+    use_comfy_kitchen(model)  # comfy-kitchen's kernels for inputs on a GPU it has kernels for
     return model.eval()
+
+
+def native_folder_config(folder: Path) -> QVGenConfig | None:
+    """The config of a diffusers folder written by `export_native_folder` (None for any other folder)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text()).get(META_QCONFIG)
+        config = QVGenConfig.from_dict(raw, source=f"{folder / 'config.json'}: {META_QCONFIG}")
+    except (OSError, json.JSONDecodeError, AttributeError, TypeError, ConfigError):
+        return None
+    return config if config.scheme in _BY_SCHEME else None
+
+
+def load_native_folder(
+    folder: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """`load_comfy_native` for the diffusers folder of a ComfyUI-native scheme (`export_native_folder`):
+    the scheme's inference layers (`Scheme.shell`) filled with the folder's tensors, checked strictly."""
+
+    folder = Path(folder)
+    config = native_folder_config(folder)
+    if config is None:
+        raise ComfyNativeError(f"{folder}: no config.json with a ComfyUI-native scheme's '{META_QCONFIG}'")
+    if model is None:
+        model = empty_model(json.loads((folder / "config.json").read_text()), folder)
+    build_packed_model(model, config, dtype=dtype, device="meta")
+    state: dict[str, Tensor] = {}
+    for f in indexed_shards(folder) or [folder / "diffusion_pytorch_model.safetensors"]:
+        try:
+            state.update(read_safetensors(f)[0])
+        except CheckpointError as e:
+            raise ComfyNativeError(str(e)) from None
+    return _finish(model, state, folder, dtype, device)
 
 
 def _build_model(f: ComfyNativeFile) -> nn.Module:
