@@ -105,6 +105,7 @@ class CardInfo:
     license_link: str | None = None
     full_pipeline: bool = True
     single_file: str | None = None  # path in the repo of the ComfyUI file
+    diffusers_folder: bool = False  # a ComfyUI-native repo also holds `transformer/` (the same tensors for diffusers)
     training: dict[str, Any] | None = None  # train_config.json
     final_log: dict[str, Any] | None = None  # last line of train_log.jsonl
     metrics: dict[str, Any] | None = None
@@ -201,7 +202,7 @@ def _body(info: CardInfo) -> str:
 
 
 def _comfy_native_body(info: CardInfo, name: str, base_link: str) -> str:
-    """The card of a model shipped as one ComfyUI-native file (no diffusers folder in the repo)."""
+    """The card of a model shipped as one ComfyUI-native file (and, from a training run, its diffusers folder)."""
     c = info.config
     weights, acts, fmt = COMFY_NATIVE[c.scheme]
     rows = [("weights", weights), ("activations", acts), ("quantized layers", _patterns(c.modules_to_convert))]
@@ -232,6 +233,7 @@ def _comfy_native_body(info: CardInfo, name: str, base_link: str) -> str:
         "```python\nimport qvgen\nfrom huggingface_hub import hf_hub_download\n\n"
         f'transformer = qvgen.load_quantized_model(hf_hub_download("{info.repo_id}", "{info.single_file}"))\n```\n\n'
         "QVGen's loader runs the layers in PyTorch (dequantized weights, the format's input quantization).\n",
+        *(["## Use with diffusers\n", _diffusers_usage(info)] if info.diffusers_folder else []),
         "## License\n",
         _license(info),
         "## Citation\n",

@@ -11,7 +11,9 @@
 #   QVGEN_BENCH_QUICK=1    fewer rows (smoke run)
 # Without diffusers the step rows and the diffusers-based GPU tests are skipped, with a message.
 # Each part runs under `timeout` and a `--budget-s` of its own, so a slow part cannot eat the rest;
-# budgets (s): tests 150, kernels 180, step 1.3B 100, step 14B 150.
+# budgets (s): tests 150, kernels 165, native formats 45, step 1.3B 100, step 14B 135.
+# The native-format rows run comfy-kitchen's kernels only when its wheel is in $QVGEN_WHEELS
+# (`pip download comfy-kitchen --no-deps --python-version <the GPU machine's> -d .whl`); else our PyTorch compute.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -58,8 +60,13 @@ part "pytest -m gpu" 150 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider "${TES
 
 TOKENS=32760,512
 [ "${QVGEN_BENCH_QUICK:-0}" = 1 ] && TOKENS=8192
-part "bench kernels --device-time" 180 "$PY" -m qvgen.bench kernels --device-time --models 1.3b,14b \
-    --tokens "$TOKENS" --budget-s 130
+part "bench kernels --device-time" 165 "$PY" -m qvgen.bench kernels --device-time --models 1.3b,14b \
+    --tokens "$TOKENS" --budget-s 120
+
+# issue #15 item 6: each ComfyUI-native format through comfy-kitchen's kernels (needs its wheel in $WHEELS)
+GPU_SLUG=$("$PY" -c "from qvgen.bench.kernel_records import gpu_slug; import torch; print(gpu_slug(torch.device('cuda')))")
+part "bench native" 45 "$PY" -m qvgen.bench native --models 1.3b --tokens "${TOKENS%%,*}" \
+    --json "docs/bench/native-$GPU_SLUG.json"
 
 if [ $HAVE_DIFFUSERS = 1 ]; then
     GPU=$("$PY" -c "from qvgen.bench.kernel_records import gpu_slug; import torch; print(gpu_slug(torch.device('cuda')))")
@@ -70,8 +77,8 @@ if [ $HAVE_DIFFUSERS = 1 ]; then
     else
         part "bench step 1.3B" 100 "$PY" -m qvgen.bench step --models 1.3b --cases 480p,short,720p --reps 2 \
             --variants bf16,w4a4,w4a4-fp8 --budget-s 60 --out "$STEP_JSON" --append
-        part "bench step 14B" 150 "$PY" -m qvgen.bench step --models 14b --cases 720p,480p --reps 1 \
-            --budget-s 90 --out "$STEP_JSON" --append
+        part "bench step 14B" 135 "$PY" -m qvgen.bench step --models 14b --cases 720p,480p --reps 1 \
+            --budget-s 80 --out "$STEP_JSON" --append
     fi
 fi
 

@@ -274,6 +274,7 @@ def test_hub_push_stages_the_native_file_with_its_card(scheme, tmp_path, monkeyp
     assert f"ComfyUI-native `{fmt}`" in card and "Load Diffusion Model" in card
     assert "qvgen.load_quantized_model(hf_hub_download(" in card
     assert ("kept as the layer's low-rank branch" in card) == (scheme == "svdquant_w4a4")
+    assert "Use with diffusers" not in card  # this run has no transformer/ folder to point to
 
 
 def test_convrot_int8_token_export_report_warns_about_the_eager_backend(tmp_path):

@@ -308,6 +308,8 @@ def test_train_leaves_the_diffusers_folder_next_to_the_comfyui_file(tmp_path, mo
         "transformer/config.json",
         f"transformer/{WEIGHTS}",
     ]
+    card = (staged / "README.md").read_text()  # the card shows the diffusers route to the folder it ships
+    assert "## Use with diffusers" in card and 'from_pretrained(\n    "org/x", subfolder="transformer"' in card
 
 
 # ---- comfy-kitchen's kernels behind one seam (qvgen.adapters.comfy.kitchen) -------------------------------

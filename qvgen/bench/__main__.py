@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "kernels": "qvgen.bench.kernels_cli",
     "train": "qvgen.bench.train",
     "step": "qvgen.bench.step",
+    "native": "qvgen.bench.native",
 }
 
 
