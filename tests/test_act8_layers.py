@@ -8,7 +8,9 @@ Checks, each against an independent computation:
 - a packed model with a mixed layer (export → load, integer path) follows the fake-quant student within
   `tiny_models.assert_matches_fake_quant`'s tolerance, which the same file run at 4 bits misses by far;
 - the checkpoint carries each mixed layer's width (`input_bits`) through both layouts, diffusers and the
-  ComfyUI op, and refuses a file whose tensor disagrees with its config.
+  ComfyUI op, and refuses a file whose tensor disagrees with its config;
+- the sensitivity picker (`qvgen.eval.sensitivity`) picks the layer a planted outlier channel makes worst,
+  and `--act8-layers` reaches the config in `python -m qvgen.train` and the demo.
 """
 
 from __future__ import annotations
@@ -209,3 +211,118 @@ def test_comfyui_op_runs_the_layer_at_its_width() -> None:
     ref.timestep_state = holder.layer.timestep_state = None  # bucket 0 on both sides
     with torch.no_grad():
         torch.testing.assert_close(holder.layer(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+# ---- picked by measured sensitivity ------------------------------------------------------------
+def _plant_outlier(model, block: int = 1, channel: int = 5, factor: float = 1000.0) -> str:
+    """Make `blocks.<block>.attn1.to_out.0`'s input carry one channel 1000× larger, function unchanged:
+    attention is linear in V channel by channel, so scaling V's channel and dividing the output
+    projection's column cancel; per-token 4-bit quantization of that input then loses the other channels."""
+    attn = model.blocks[block].attn1
+    with torch.no_grad():
+        attn.to_v.weight[channel] *= factor
+        attn.to_v.bias[channel] *= factor
+        attn.to_out[0].weight[:, channel] /= factor
+    return f"blocks.{block}.attn1.to_out.0"
+
+
+def _inputs(n: int = 2) -> list[dict]:
+    out = []
+    for seed in range(n):
+        x, t, e = wan_inputs(seed=seed)
+        out.append({"hidden_states": x, "timestep": t, "encoder_hidden_states": e})
+    return out
+
+
+def test_picker_finds_the_planted_layer() -> None:
+    from qvgen.eval.sensitivity import layer_sensitivity, most_sensitive
+
+    cfg = QVGenConfig(rank=0, n_buckets=1, modules_to_convert=["blocks.1.*", "proj_out"])  # 11 candidates
+    plain = tiny_wan().eval()
+    before = layer_sensitivity(plain, cfg, _inputs(1))
+    planted = tiny_wan().eval()
+    name = _plant_outlier(planted)
+    torch.testing.assert_close(_out(planted), _out(plain), rtol=1e-4, atol=1e-5)  # same function
+    after = layer_sensitivity(planted, cfg, _inputs(1))
+    assert set(after) == set(before) and len(after) == 11 and name in after
+    # unplanted, proj_out is the worst by far (its error alone ~800× this layer's; measured)
+    assert list(most_sensitive(before, 1)) == ["proj_out"]
+    assert list(most_sensitive(after, 1)) == [name]  # planted: about 2× proj_out's (measured)
+    assert after[name] > 100 * before[name]
+    top = most_sensitive(after, 3)
+    assert list(top.values()) == sorted(top.values(), reverse=True) and len(top) == 3
+
+
+def test_mac_fraction_counts_tokens_times_k_times_n() -> None:
+    from torch import nn
+
+    from qvgen.eval.sensitivity import act8_mac_fraction
+
+    class Two(nn.Module):  # diffusers' call convention, two layers of known shape
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 16)
+
+        def forward(self, hidden_states, return_dict=False):
+            return (self.b(self.a(hidden_states)),)
+
+    model = Two()
+    convert_model(model, QVGenConfig(rank=0, layer_act_bits={"b": 8}), progress=False)
+    x = {"hidden_states": torch.randn(3, 7, 32)}
+    assert act8_mac_fraction(model, x) == pytest.approx(64 * 16 / (32 * 64 + 64 * 16))
+
+
+def test_cli_flags_reach_the_config() -> None:
+    import argparse
+
+    from qvgen.demo.run import _configs, _with_act8
+    from qvgen.demo.run import build_parser as demo_parser
+    from qvgen.eval.sensitivity import Act8Layers, parse_act8_layers
+    from qvgen.train.cli import build_parser, quant_config
+
+    assert parse_act8_layers("auto:2") == Act8Layers(auto=2)
+    assert parse_act8_layers("proj_out,blocks.0.*") == Act8Layers(patterns=("proj_out", "blocks.0.*"))
+    for bad in ("auto:0", "auto:x", ","):
+        with pytest.raises(argparse.ArgumentTypeError, match="auto:N"):
+            parse_act8_layers(bad)
+    args = build_parser().parse_args(["--model", "m", "--act8-layers", "proj_out"])
+    assert quant_config(args).layer_act_bits == {"proj_out": 8}
+    assert quant_config(build_parser().parse_args(["--model", "m"])).layer_act_bits == {}
+    with pytest.raises(ConfigError, match="layer_act_bits: scheme 'nvfp4'"):
+        quant_config(build_parser().parse_args(["--model", "m", "--scheme", "nvfp4", "--act8-layers", "proj_out"]))
+    demo_args = demo_parser().parse_args(["--act8-layers", "proj_out", "--schemes", "w4a8_int8"])
+    configs, picks = _with_act8(None, _configs(demo_args), None, demo_args)
+    assert picks == {}
+    assert {n: c.layer_act_bits for n, c in configs.items()} == {
+        n: ({"proj_out": 8} if c.scheme == "qvgen" else {}) for n, c in configs.items()
+    }
+
+
+@pytest.mark.slow  # a tiny pipeline through prepare, train and export: about a minute on a loaded 2-core VM
+def test_train_cli_auto_picks_measures_once_and_exports_the_width(tmp_path, capsys) -> None:
+    import json
+
+    from tiny_models import tiny_wan_pipeline, write_clips
+
+    from qvgen.train.cli import main
+
+    pipe = tmp_path / "pipe"
+    tiny_wan_pipeline().save_pretrained(pipe)
+    write_clips(tmp_path / "data", layout="jsonl")
+    out = tmp_path / "run"
+    args = ["--model", str(pipe), "--output", str(out), "--act8-layers", "auto:1", "--no-progress"]
+    args += ["--num-frames", "5", "--height", "32", "--width", "32", "--max-text-len", "8", "--steps", "2"]
+    args += ["--rank", "0", "--buckets", "2", "--checkpoint-every", "2"]
+    assert main([*args, "--data", str(tmp_path / "data")]) == 0
+    record = json.loads((out / "act8_layers.json").read_text())
+    (picked,) = record["picked"]
+    assert record["picked"][picked] == max(record["sensitivity"].values())
+    assert f"8-bit inputs on the 1 most sensitive layer(s) (MSE with only that one quantized): {picked}" in (
+        capsys.readouterr().out
+    )
+    model = load_quantized_model(out / "transformer")
+    widths = {n: m.act_bits for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    assert widths.pop(picked) == 8 and set(widths.values()) == {4}
+    # the same command asking for another N refuses the run folder's pick instead of mixing them
+    assert main([*args[:5], "auto:2", *args[6:]]) == 2
+    assert "picked --act8-layers auto:1, this command asks auto:2" in capsys.readouterr().out
