@@ -326,3 +326,19 @@ def test_train_cli_auto_picks_measures_once_and_exports_the_width(tmp_path, caps
     # the same command asking for another N refuses the run folder's pick instead of mixing them
     assert main([*args[:5], "auto:2", *args[6:]]) == 2
     assert "picked --act8-layers auto:1, this command asks auto:2" in capsys.readouterr().out
+
+
+def test_bench_times_the_8bit_layer_beside_the_4bit_one(tmp_path) -> None:
+    """`python -m qvgen.bench kernels --vs-a-bits 8`: both widths timed in one process, the ratio recorded."""
+    import argparse
+    import json
+
+    from qvgen.bench import kernels_cli
+
+    p = argparse.ArgumentParser()
+    kernels_cli.add_arguments(p)
+    out = tmp_path / "b.json"
+    argv = ["--shapes", "64x16", "--tokens", "8", "--min-time", "0.001", "--device", "cpu", "--no-bf16", "--no-comfy"]
+    assert kernels_cli.run(p.parse_args([*argv, "--vs-a-bits", "8", "--json", str(out)])) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["vs_a_bits_ratio"] > 0 and row["extra_ms"]["A8"] > 0
