@@ -342,3 +342,15 @@ def test_bench_times_the_8bit_layer_beside_the_4bit_one(tmp_path) -> None:
     assert kernels_cli.run(p.parse_args([*argv, "--vs-a-bits", "8", "--json", str(out)])) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["vs_a_bits_ratio"] > 0 and row["extra_ms"]["A8"] > 0
+
+
+def test_diffusers_quantize_on_load_gives_the_layer_its_width(tmp_path) -> None:
+    from diffusers import WanTransformer3DModel
+
+    tiny_wan().save_pretrained(tmp_path / "fp")
+    cfg = QVGenConfig(rank=0, layer_act_bits={"proj_out": 8})
+    model = WanTransformer3DModel.from_pretrained(tmp_path / "fp", quantization_config=cfg)
+    assert model.proj_out.act_bits == 8 and model.blocks[0].attn1.to_q.act_bits == 4
+    model.save_pretrained(tmp_path / "q")  # and back: the shells are built from the saved config
+    again = WanTransformer3DModel.from_pretrained(tmp_path / "q")
+    assert again.proj_out.act_bits == 8 and torch.equal(again.proj_out.input_bits, model.proj_out.input_bits)
