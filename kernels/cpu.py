@@ -200,11 +200,13 @@ def quantized_linear(
     q = r.add_(z_x).clamp_(0, qmax)  # q_x as float; scalar bounds are ~3× cheaper than per-row ones
     qsum = _exact_rowsum(q, qmax)
     rsum = qsum - k * z_x  # Σ(q_x - z_x), exact
+    shift = 0.0  # what has been subtracted from q in place
     if a_bits <= 7:  # a = q_x - z_x ∈ [-127, 127]; subtracting in int8 moves 4× fewer bytes
         a = q.to(torch.int8).sub_(z_x.to(torch.int8))
         acc = int_matmul(a, b)
     else:  # a = q_x - 128, and d_x Σb = (128 - z_x)(Σ q_w - K c_w) restores Σ(q_x - z_x) b
-        a = q.sub(128).to(torch.int8)
+        shift = 128.0  # in place: a float temporary of x's size cost more than the GEMM at large M
+        a = q.sub_(shift).to(torch.int8)
         acc = int_matmul(a, b)
         s_b = w_qsum.reshape(1, n).to(torch.int32) - k * c_w
         acc.add_((128 - z_x).to(torch.int32) * s_b)
@@ -214,7 +216,7 @@ def quantized_linear(
     if bias is not None:
         y.add_(bias.reshape(1, n).float())
     if phi_down is not None:
-        down = (q.sub_(z_x) @ phi_down.float().t()).mul_(s_x)  # x̂ Rᵀ with x̂ = s_x (q_x - z_x)
+        down = (q.sub_(z_x - shift) @ phi_down.float().t()).mul_(s_x)  # x̂ Rᵀ with x̂ = s_x (q_x - z_x)
         y.addmm_(down, phi_up.float().t())
     return y.to(out_dtype).reshape(*lead, n)
 

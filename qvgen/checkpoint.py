@@ -304,6 +304,7 @@ def _validate_layer(state: dict[str, Tensor], name: str, config: QVGenConfig, so
             f"shape ({config.n_buckets}, 2)",
             tuple(state[key].shape),
         )
+    _validate_input_bits(state, name, config, source)
     down, up = state.get(f"{name}.phi_down"), state.get(f"{name}.phi_up")
     if (down is None) != (up is None):
         raise CheckpointError(f"{source}: layer '{name}': phi_down and phi_up must be present together")
@@ -347,6 +348,29 @@ def _validate_layer(state: dict[str, Tensor], name: str, config: QVGenConfig, so
     bias = state.get(f"{name}.bias")
     if bias is not None:
         _expect(bias.shape == (n,), source, f"{name}.bias", f"shape ({n},)", tuple(bias.shape))
+
+
+def _validate_input_bits(state: dict[str, Tensor], name: str, config: QVGenConfig, source: str) -> None:
+    """A layer's `input_bits` tensor is there exactly when `layer_act_bits` gives it another width, and says it."""
+    key = f"{name}.input_bits"
+    t = state.get(key)
+    try:
+        want = config.act_bits_of(name)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    if want == config.act_bits:
+        _expect(t is None, source, key, f"no tensor (the layer has the model's act_bits={want})", "a tensor")
+        return
+    _expect(t is not None, source, key, f"a tensor (layer_act_bits gives the layer {want}-bit inputs)", "nothing")
+    _expect(
+        t.dtype == torch.uint8 and tuple(t.shape) == (1,),
+        source,
+        key,
+        "uint8 of shape (1,)",
+        f"{t.dtype} of shape {tuple(t.shape)}",
+    )
+    if t.device.type != "meta":
+        _expect(int(t[0]) == want, source, key, f"{want} (layer_act_bits)", int(t[0]))
 
 
 def load_into(model: nn.Module, ckpt: Checkpoint, source: str = "checkpoint") -> None:

@@ -19,8 +19,9 @@ from .transforms import TRANSFORMS
 
 # 2: the `scheme` field (version-1 configs have none and are read as "qvgen"); 3: the input-transform
 # fields and tensors (`input_signs`, `smooth`) and `zero_point_grad` (older files have none: no transform);
-# 4: `act_group_size` and `final_rank` (older files have neither: per-token activations, Φ decayed to 0)
-FORMAT_VERSION = 4
+# 4: `act_group_size` and `final_rank` (older files have neither: per-token activations, Φ decayed to 0);
+# 5: `layer_act_bits` and the per-layer `input_bits` tensor (older files: one activation width for all layers)
+FORMAT_VERSION = 5
 QUANT_METHOD = "qvgen"
 
 
@@ -50,6 +51,9 @@ class QVGenConfig:
     # None: per-token activation scales; g: one scale/zero point per g consecutive input features of a
     # token (layers whose K is not a multiple of g stay per token); same per-timestep clip factors
     act_group_size: int | None = None
+    # fnmatch pattern over module paths -> activation bits of the matching layers, e.g. {"proj_out": 8}:
+    # per-layer mixed precision where the error concentrates (`act_bits` elsewhere)
+    layer_act_bits: dict[str, int] = field(default_factory=dict)
     modules_to_convert: list[str] = field(default_factory=lambda: ["*"])
     modules_to_not_convert: list[str] = field(default_factory=list)
     current_rank: int | None = None
@@ -110,6 +114,7 @@ class QVGenConfig:
                 f"act_group_size: scheme {self.scheme!r} has its own activation scaling (per token or per its "
                 f"format's blocks); expected None, got {self.act_group_size!r}"
             )
+        self._validate_layer_act_bits()
         why = SCHEMES[self.scheme].check(self)
         if why:
             raise ConfigError(why)
@@ -118,12 +123,38 @@ class QVGenConfig:
             if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
                 raise ConfigError(f"{name}: expected a list of name patterns, got {v!r}")
 
+    def _validate_layer_act_bits(self) -> None:
+        v = self.layer_act_bits
+        if not isinstance(v, dict) or not all(isinstance(p, str) for p in v):
+            raise ConfigError(f"layer_act_bits: expected an object of name pattern -> bits, got {v!r}")
+        for pattern, bits in v.items():
+            _check_int(f"layer_act_bits[{pattern!r}]", bits, 2, 8)
+        if v and not SCHEMES[self.scheme].layer_act_bits:
+            raise ConfigError(
+                f"layer_act_bits: scheme {self.scheme!r} has one activation width for every layer; expected {{}}, "
+                f"got {v!r}"
+            )
+        if v and self.act_bits is None:
+            raise ConfigError(f"layer_act_bits: needs quantized activations (act_bits), got act_bits=None and {v!r}")
+
     # ---- layer selection -------------------------------------------------------------------
     def should_convert(self, name: str) -> bool:
         """Whether the linear layer at module path `name` is quantized (fnmatch patterns)."""
         if any(fnmatch.fnmatchcase(name, p) for p in self.modules_to_not_convert):
             return False
         return any(fnmatch.fnmatchcase(name, p) for p in self.modules_to_convert)
+
+    def act_bits_of(self, name: str) -> int | None:
+        """Activation bits of the layer at module path `name`: its `layer_act_bits` patterns', else `act_bits`."""
+        hits = {p: b for p, b in self.layer_act_bits.items() if fnmatch.fnmatchcase(name, p)}
+        if len(set(hits.values())) > 1:
+            raise ConfigError(f"layer_act_bits: layer {name!r} matches patterns with different bits: {hits}")
+        return next(iter(hits.values())) if hits else self.act_bits
+
+    def for_layer(self, name: str) -> QVGenConfig:
+        """The config of one layer: this one, or a copy with the layer's own `act_bits` (`layer_act_bits`)."""
+        bits = self.act_bits_of(name)
+        return self if bits == self.act_bits else dataclasses.replace(self, act_bits=bits, layer_act_bits={})
 
     @property
     def act_clip_logit_init(self) -> float:

@@ -76,7 +76,10 @@ class QVGenLinear(nn.Module):
         why = self.scheme.unsupported(in_features)
         if why:
             raise ValueError(f"{name or 'layer'}: scheme {self.scheme.name!r} cannot quantize it: {why}")
-        self.weight_quantizer, self.act_quantizer = self.scheme.quantizers(out_features, in_features, config)
+        # per-layer activation width (`layer_act_bits`): the layer's own, exported as `input_bits` when it differs
+        layer_config = config.for_layer(name)
+        self.own_act_bits = None if layer_config is config else layer_config.act_bits
+        self.weight_quantizer, self.act_quantizer = self.scheme.quantizers(out_features, in_features, layer_config)
         r = min(config.rank if rank is None else rank, in_features, out_features)
         self.phi_down: nn.Parameter | None = None
         self.phi_up: nn.Parameter | None = None

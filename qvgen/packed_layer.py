@@ -53,6 +53,8 @@ PACKED_TENSORS: dict[str, TensorSpec] = {
     "phi_up": TensorSpec(None, "(out, rank)"),
     "input_signs": TensorSpec(torch.int8, "(K,)"),
     "smooth": TensorSpec(torch.float32, "(K,)"),
+    # a layer whose inputs have another width than the config's act_bits (layer_act_bits) carries it
+    "input_bits": TensorSpec(torch.uint8, "(1,)"),
 }
 REQUIRED = tuple(k for k, s in PACKED_TENSORS.items() if s.required)
 
@@ -61,6 +63,24 @@ def tensor_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
     """The dtype tensor `name` of a packed layer has once loaded for a model in `compute_dtype`."""
     fixed = PACKED_TENSORS[name].dtype
     return compute_dtype if fixed is None else fixed
+
+
+def input_bits_tensor(bits: int, device: torch.device | str | None = None) -> Tensor:
+    """The `input_bits` tensor of a layer whose activations have a width of their own."""
+    return torch.full((1,), bits, dtype=torch.uint8, device=device)
+
+
+def read_input_bits(t: Tensor | None, where: str) -> int | None:
+    """A layer's own activation width from its `input_bits` tensor (None: absent, or a shape-only `meta` tensor)."""
+    if t is None or t.device.type == "meta":
+        return None
+    if t.dtype != torch.uint8 or tuple(t.shape) != (1,):
+        got = f"{t.dtype} of shape {tuple(t.shape)}"
+        raise PackedLayerError(f"{where}: tensor 'input_bits': expected uint8 of shape (1,), got {got}")
+    bits = int(t[0])
+    if not 2 <= bits <= 8:
+        raise PackedLayerError(f"{where}: tensor 'input_bits': expected activation bits in 2..8, got {bits}")
+    return bits
 
 
 def check_codes(qweight: Tensor, bits: int, where: str) -> None:
@@ -89,8 +109,11 @@ def assemble(
     smooth: Tensor | None = None,
     phi_down: Tensor | None = None,
     phi_up: Tensor | None = None,
+    input_bits: int | None = None,
 ) -> dict[str, Tensor]:
     """A packed layer's tensors from its integer weight codes (out, K) and quantizer state.
+
+    `input_bits`: the layer's own activation width, when it differs from the config's `act_bits`.
 
     Fixed-dtype tensors get the table's dtype; bias and Φ are stored in float32 (the loaders cast
     them to the compute dtype). Every tensor is a fresh contiguous copy.
@@ -107,6 +130,7 @@ def assemble(
         "phi_up": phi_up,
         "input_signs": input_signs,
         "smooth": smooth,
+        "input_bits": None if input_bits is None else input_bits_tensor(input_bits, codes.device),
     }
     return {
         k: t.detach().to(tensor_dtype(k, torch.float32)).contiguous().clone() for k, t in parts.items() if t is not None
@@ -139,6 +163,7 @@ def quantize_linear(
     s, z = init_weight_qparams(w, config.weight_bits) if clip_search else minmax_weight_qparams(w, config.weight_bits)
     s = s.clamp(min=SCALE_MIN)
     codes = quantize_weight_int(w, s, z, config.weight_bits)
+    bits = config.act_bits_of(name)
     return assemble(
         codes,
         s,
@@ -148,6 +173,7 @@ def quantize_linear(
         bias=bias,
         input_signs=signs,
         smooth=torch.ones(in_f, device=w.device) if uses_smoothing(config.input_transform) else None,
+        input_bits=None if bits == config.act_bits else bits,
     )
 
 
@@ -163,8 +189,10 @@ def empty_tensors(
     input_transform: str,
     dtype: torch.dtype,
     device: torch.device | str | None = None,
+    input_bits: int | None = None,
 ) -> dict[str, Tensor]:
-    """Placeholder tensors of the right shapes and dtypes (a shell a state dict is loaded into)."""
+    """Placeholder tensors of the right shapes and dtypes (a shell a state dict is loaded into);
+    `input_bits`: the layer's own activation width (per-layer mixed precision), else no such tensor."""
     width = qvgen_kernels.packed_width(in_features, weight_bits)
     shapes: dict[str, tuple[int, ...] | None] = {
         "weight_scale": (out_features,),
@@ -177,8 +205,9 @@ def empty_tensors(
         "phi_up": (out_features, rank) if rank else None,
         "input_signs": (in_features,) if uses_rotation(input_transform) else None,
         "smooth": (in_features,) if uses_smoothing(input_transform) else None,
+        "input_bits": (1,) if input_bits is not None else None,
     }
-    fill = {"weight_scale": 1.0, "act_clip": 1.0, "input_signs": 1, "smooth": 1.0}
+    fill = {"weight_scale": 1.0, "act_clip": 1.0, "input_signs": 1, "smooth": 1.0, "input_bits": input_bits}
     return {
         k: torch.full(shape, fill.get(k, 0), dtype=tensor_dtype(k, dtype), device=device)
         for k, shape in shapes.items()
@@ -217,6 +246,7 @@ def check_tensors(
         "phi_up": [(out_features, rank)],
         "input_signs": [(k,)],
         "smooth": [(k,)],
+        "input_bits": [(1,)],
     }
     for key, t in tensors.items():
         if t is None:
@@ -237,6 +267,9 @@ def check_tensors(
             )
     if (tensors.get("phi_down") is None) != (tensors.get("phi_up") is None):
         raise PackedLayerError(f"{where}: phi_down and phi_up must come together")
+    read_input_bits(tensors.get("input_bits"), where)
+    if tensors.get("input_bits") is not None and tensors.get("act_clip") is None:
+        raise PackedLayerError(f"{where}: tensor 'input_bits' on a layer without 'act_clip' (weight-only)")
     if act_bits is not None and tensors.get("act_clip") is None:
         raise PackedLayerError(f"{where}: act_bits={act_bits} but no 'act_clip' tensor")
     for needed, key in ((uses_rotation(input_transform), "input_signs"), (uses_smoothing(input_transform), "smooth")):

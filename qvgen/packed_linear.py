@@ -8,7 +8,15 @@ import torch
 from torch import Tensor, nn
 
 from .kernels_import import qvgen_kernels
-from .packed_layer import PACKED_TENSORS, PackedLayerError, check_tensors, empty_tensors, tensor_dtype
+from .packed_layer import (
+    PACKED_TENSORS,
+    PackedLayerError,
+    check_tensors,
+    empty_tensors,
+    input_bits_tensor,
+    read_input_bits,
+    tensor_dtype,
+)
 from .quantizers import act_group_length, select_clip
 from .timestep import TimestepState, bucket_of
 from .transforms import hadamard_block, unrotate
@@ -102,8 +110,13 @@ class PackedLinear(nn.Module):
         """Check and take a layer's packed tensors, without a copy where the dtype already fits.
 
         `dtype`: the compute dtype, which bias and Φ are cast to (None keeps them as given); the
-        other tensors must already have the dtype the format fixes (scales stay float32).
+        other tensors must already have the dtype the format fixes (scales stay float32). An
+        `input_bits` tensor gives the layer its own activation width (per-layer mixed precision).
         """
+        where = f"layer '{name}'" if name else "layer"
+        bits = read_input_bits(tensors.get("input_bits"), where)
+        if bits is not None:
+            self.act_bits = bits
         check_tensors(
             tensors,
             self.in_features,
@@ -111,13 +124,20 @@ class PackedLinear(nn.Module):
             weight_bits=self.weight_bits,
             act_bits=self.act_bits,
             input_transform=self.transform,
-            where=f"layer '{name}'" if name else "layer",
+            where=where,
         )
         for key in PACKED_TENSORS:
             t = tensors.get(key)
             if t is not None and dtype is not None:
                 t = t.to(tensor_dtype(key, dtype))
             self.register_parameter(key, None if t is None else nn.Parameter(t, requires_grad=False))
+
+    def set_input_bits(self, bits: int) -> None:
+        """Quantize this layer's inputs to `bits` instead of the model's width, recorded in its
+        `input_bits` tensor so the file says it (per-layer mixed precision, `layer_act_bits`)."""
+        device = self.qweight.device if self.qweight is not None else None
+        self.act_bits = bits
+        self.register_parameter("input_bits", nn.Parameter(input_bits_tensor(bits, device), requires_grad=False))
 
     @property
     def rank(self) -> int:

@@ -6,6 +6,7 @@ Works on any PyTorch model; the diffusers Wan and CogVideoX transformers are tes
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -101,6 +102,7 @@ def convert_model(
             report.unsupported_why = report.unsupported_why or why
         else:
             todo.append((name, linear))
+    _warn_unmatched(config, [name for name, _ in todo])
     for name, linear in tqdm(todo, desc="QVGen: quantizing layers", disable=not progress):
         layer = QVGenLinear.from_linear(linear, config, init=False, name=name)
         layer.timestep_state = state
@@ -117,6 +119,13 @@ def convert_model(
         for layer in tqdm(layers, desc="QVGen: initialising quantizers", disable=not progress):
             layer.init_quantization()
     return report
+
+
+def _warn_unmatched(config: QVGenConfig, names: list[str]) -> None:
+    """A `layer_act_bits` pattern that names no quantized layer is most likely a typo."""
+    unmatched = [p for p in config.layer_act_bits if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        warnings.warn(f"layer_act_bits: pattern(s) {unmatched} match no quantized layer", stacklevel=3)
 
 
 @torch.no_grad()
@@ -168,6 +177,8 @@ def build_packed_model(
             continue
         r = min(rank or 0, linear.in_features, linear.out_features)
         layer = packed_shell(linear, config, r, dtype, device if device is not None else linear.weight.device)
+        if (bits := config.act_bits_of(name)) != config.act_bits:
+            layer.set_input_bits(bits)  # per-layer activation width (`layer_act_bits`; qvgen scheme only)
         layer.timestep_state = state
         model.set_submodule(name, layer)
         report.converted.append(name)

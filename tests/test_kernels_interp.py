@@ -212,7 +212,8 @@ else:
             assert g.dtype == r.dtype and g.shape == r.shape
             assert torch.equal(g, r)
 
-    @pytest.mark.parametrize(("w_bits", "a_bits", "rank"), [(4, 4, 0), (4, 4, 8), (8, 8, 0), (4, None, 0)])
+    # (4, 8, 0): a layer given 8-bit inputs in a W4A4 model (layer_act_bits), packed 4-bit weights
+    @pytest.mark.parametrize(("w_bits", "a_bits", "rank"), [(4, 4, 0), (4, 4, 8), (4, 8, 0), (8, 8, 0), (4, None, 0)])
     def test_interp_linear_with_transform(w_bits: int, a_bits: int | None, rank: int) -> None:
         """The GEMM after the transformed quantization: exact integer part, outputs within fp32 tolerance."""
         m, k, n = 20, 96, 40  # few tokens: the transform must route around the fused variant

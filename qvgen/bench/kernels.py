@@ -12,6 +12,7 @@ Examples:
   python -m qvgen.bench kernels --transform hadamard  # + rotation in the quantizer; cost vs without
   python -m qvgen.bench kernels --widened             # + weights widened to a byte per code (qvgen.widen)
   python -m qvgen.bench kernels --act-group-size 128  # + activation scales per 128 features; cost vs per token
+  python -m qvgen.bench kernels --vs-a-bits 8         # + the same layers with 8-bit inputs; cost vs --a-bits
   python -m qvgen.bench kernels --device-time --models 1.3b,14b --tokens 32760,8192,512   # issue #13 records
 """
 
@@ -69,6 +70,7 @@ class Row:
     transform: str = "none"
     transform_pct: float | None = None  # (ours − ours without the transform) / ours, in %
     act_group_ratio: float | None = None  # ours with per-group activation scales / ours per token
+    vs_a_bits_ratio: float | None = None  # ours with --vs-a-bits activations / ours with --a-bits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def bench_case(
     packed = make_packed_layer(n, k, args.w_bits, args.rank, device, dtype)
     tf = transform_kwargs(args.transform, k, device)
 
-    def ours(qweight: torch.Tensor = packed["qweight"], **extra) -> torch.Tensor:
+    def ours(qweight: torch.Tensor = packed["qweight"], a_bits: int | None = args.a_bits, **extra) -> torch.Tensor:
         return qk.quantized_linear(
             x,
             qweight,
@@ -182,7 +184,7 @@ def bench_case(
             packed["bias"],
             in_features=k,
             w_bits=args.w_bits,
-            a_bits=args.a_bits,
+            a_bits=a_bits,
             clip_lo=0.9025,
             clip_hi=0.9025,
             phi_down=packed["phi_down"],
@@ -198,6 +200,10 @@ def bench_case(
     grouped = f"groups of {group}"
     if group and args.a_bits is not None and k % group == 0 and group < k:  # as act_group_length decides
         fns[grouped] = lambda: ours(**tf, act_group=group)
+    vs_bits = getattr(args, "vs_a_bits", None)  # e.g. 8: the same layer with 8-bit inputs (per-layer mixed precision)
+    vs = f"A{vs_bits}"
+    if vs_bits and args.a_bits is not None:
+        fns[vs] = lambda: ours(a_bits=vs_bits, **tf)
     if args.widened and args.w_bits <= 4:  # one code per byte (qvgen.widen): no nibble unpacking
         wide = qk.unpack_weight(packed["qweight"], args.w_bits, k)
         fns["widened"] = lambda: ours(wide, **tf)
@@ -239,6 +245,7 @@ def bench_case(
         transform=args.transform,
         transform_pct=pct,
         act_group_ratio=ms[grouped] / ours_ms if grouped in ms else None,
+        vs_a_bits_ratio=ms[vs] / ours_ms if vs in ms else None,
     )
 
 

@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="input transform in the activation quantizer; also times the layer without it")  # fmt: skip
     p.add_argument("--act-group-size", type=int, default=None,
                    help="also time activation scales per group of this many features (cpu/torch backends)")  # fmt: skip
+    p.add_argument("--vs-a-bits", type=int, default=None,
+                   help="also time the layer with this many activation bits (e.g. 8); ratio to --a-bits")  # fmt: skip
     p.add_argument("--widened", action="store_true", help="also time widened weights (one code per byte)")
     p.add_argument("--backend", default="auto", help="qvgen_kernels backend: auto, triton, cpu, torch")
     p.add_argument("--min-time", type=float, default=None, help="seconds of timed runs per measurement")
@@ -96,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
             cost = f", transform {r.transform_pct:.1f}% of the layer" if r.transform_pct is not None else ""
             if r.act_group_ratio is not None:
                 cost += f", groups of {args.act_group_size}: {r.act_group_ratio:.2f}× per token"
+            if r.vs_a_bits_ratio is not None:
+                cost += f", A{args.vs_a_bits}: {r.vs_a_bits_ratio:.2f}× A{args.a_bits}"
             print(f"  {model} {layer} M={m} K={k} N={n}: {r.baseline_ms:.3f} ms → {r.ours_ms:.3f} ms "
                   f"({r.speedup:.2f}×{cost})", flush=True)  # fmt: skip
     print()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 from ..api import load_quantized_model, save_quantized
 from ..config import QVGenConfig
 from ..decay import RankDecaySchedule
+from ..eval.sensitivity import act8_mac_fraction, describe, layer_sensitivity, most_sensitive, parse_act8_layers
 from ..quantizers import ZERO_POINT_GRADS
 from ..surgery import convert_model
 from ..train import LatentDataset, TrainOptions, train
@@ -98,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the layer `python -m qvgen.eval --demo` finds most sensitive",
     )
     p.add_argument(
+        "--act8-layers",
+        type=parse_act8_layers,
+        default=None,
+        help="8-bit inputs on some layers (per-layer mixed precision): auto:N picks the N layers whose RTN "
+        "quantization alone costs the most on the calibration clips, or comma-separated fnmatch patterns",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="reuse the training runs already in --output/runs (same settings): a finished student is loaded, "
@@ -150,24 +159,61 @@ def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
     return out
 
 
-def _student(fp, cfg: QVGenConfig, dataset: LatentDataset, args: argparse.Namespace):
-    """A converted copy of the teacher; smoothing and static input scales calibrated on a few training clips."""
-    model = copy.deepcopy(fp).float().requires_grad_(True)
+def _calibration_inputs(dataset: LatentDataset) -> list[dict[str, torch.Tensor]]:
+    """The first 8 training clips noised at σ = 0.2, 0.5, 0.8: smoothing calibration and layer sensitivity."""
     batch = torch.stack(dataset.latents[:8]), torch.stack(dataset.texts[:8])
-
-    def calibrate(m):
-        for sigma in (0.2, 0.5, 0.8):
-            noise = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(7))
-            m(
+    out = []
+    for sigma in (0.2, 0.5, 0.8):
+        noise = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(7))
+        out.append(
+            dict(
                 hidden_states=(1 - sigma) * batch[0] + sigma * noise,
                 timestep=torch.full((len(batch[0]),), sigma * 1000),
                 encoder_hidden_states=batch[1],
             )
+        )
+    return out
 
+
+def _calibrate(dataset: LatentDataset):
+    inputs = _calibration_inputs(dataset)
+
+    def calibrate(m):
+        for x in inputs:
+            m(**x)
+
+    return calibrate
+
+
+def _student(fp, cfg: QVGenConfig, dataset: LatentDataset, args: argparse.Namespace):
+    """A converted copy of the teacher; smoothing and static input scales calibrated on a few training clips."""
+    model = copy.deepcopy(fp).float().requires_grad_(True)
+    calibrate = _calibrate(dataset)
     convert_model(model, cfg, progress=False, calibrate=calibrate)
     with torch.no_grad():
         calibrate(model)  # static input scales (nvfp4) are set by the first inputs a layer sees
     return model
+
+
+def _with_act8(fp, configs: dict[str, QVGenConfig], dataset: LatentDataset, args: argparse.Namespace):
+    """`--act8-layers` applied to the qvgen-scheme configs; with auto:N, the N layers measured most
+    sensitive for each input transform (RTN PTQ of that config, the calibration clips). Returns the
+    configs and {transform: {layer: sensitivity}} of the picks."""
+    spec = args.act8_layers
+    if spec is None:
+        return configs, {}
+    picks: dict[str, dict[str, float]] = {}
+    out = dict(configs)
+    for name, cfg in configs.items():
+        if cfg.scheme != "qvgen":
+            continue
+        if spec.auto and cfg.input_transform not in picks:
+            sens = layer_sensitivity(fp, cfg, _calibration_inputs(dataset), calibrate=_calibrate(dataset))
+            picks[cfg.input_transform] = most_sensitive(sens, spec.auto)
+            print(f"--act8-layers {cfg.input_transform}: {describe(picks[cfg.input_transform])}")
+        layers = dict.fromkeys(picks[cfg.input_transform], 8) if spec.auto else spec.layer_act_bits()
+        out[name] = dataclasses.replace(cfg, layer_act_bits=layers)
+    return out, picks
 
 
 def _file_mb(path: Path) -> float:
@@ -229,7 +275,7 @@ def run_seed(fp, args: argparse.Namespace, seed: int, pictures: bool) -> dict[st
     _, eval_clips, eval_text = _data(args.eval_clips, seed + 2)
     ev = EvalSet.build(eval_clips, eval_text)
     reference = predictions(fp, ev)
-    configs = _configs(args)
+    configs, act8_picks = _with_act8(fp, _configs(args), dataset, args)
     students, histories, timings = _train_students(fp, configs, dataset, args, seed, out)
 
     metrics: dict[str, Any] = {"methods": {}}
@@ -240,6 +286,12 @@ def run_seed(fp, args: argparse.Namespace, seed: int, pictures: bool) -> dict[st
             m["phi_rank_over_training"] = _rank_runs(histories[name])
             m["final_train_loss"] = histories[name][-1]["loss"]
         metrics["methods"][name] = m
+    if args.act8_layers is not None:
+        x = _calibration_inputs(dataset)[0]
+        metrics["act8"] = {
+            "picked": act8_picks,
+            "mac_fraction": {n: act8_mac_fraction(students[n], x) for n, c in configs.items() if c.layer_act_bits},
+        }
     ptq = metrics["methods"]["PTQ"]["velocity_mse"]
     qvgen = metrics["methods"]["QVGen"]["velocity_mse"]
     for m in metrics["methods"].values():
@@ -270,13 +322,20 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
         "checkpoint": first["checkpoint"],
         "seeds": args.seeds,
         "per_seed": {s: m["methods"] for s, m in per_seed.items()},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **({"act8_layers": {s: m["act8"] for s, m in per_seed.items()}} if args.act8_layers is not None else {}),
+        "settings": {k: _jsonable(v) for k, v in vars(args).items()},
         "environment": environment(sys.argv[1:] if argv is None else argv),
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     (args.output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(summary(metrics))
     return metrics
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def _rank_runs(history: list[dict]) -> list[list[int]]:

@@ -47,6 +47,7 @@ def export(layer: Any) -> dict[str, Tensor]:
         smooth=None if layer.smooth_log is None else layer.smooth_log.detach().exp(),
         phi_down=layer.phi_down[:r] if r > 0 else None,
         phi_up=(layer.phi_up[:, :r] * layer.phi_mask[:r]) if r > 0 else None,
+        input_bits=layer.own_act_bits,
     )
 
 
@@ -93,4 +94,5 @@ SCHEME = Scheme(
     pack=pack,
     inference_types=(PackedLinear,),
     act_groups=True,
+    layer_act_bits=True,
 )

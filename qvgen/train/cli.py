@@ -20,9 +20,11 @@ import torch
 from ..api import save_quantized
 from ..config import SCHEMES, QVGenConfig
 from ..decay import RankDecaySchedule
+from ..eval.sensitivity import parse_act8_layers
 from ..quantizers import ZERO_POINT_GRADS
 from ..schemes import get_scheme
 from ..transforms import TRANSFORMS
+from .act8 import ACT8_FILE, measure_act8_layers, with_act8_layers
 from .data import DataError
 from .distributed import PARALLEL_MODES, TEACHER_PLACEMENTS, init_distributed
 from .interrupt import TrainingInterrupted
@@ -86,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="one activation scale per this many input features of a token (e.g. 64, 128; default: per token); "
         "the triton backend runs per token only (README, 'Per-group activation quantization')",
+    )
+    q.add_argument(
+        "--act8-layers",
+        type=parse_act8_layers,
+        default=None,
+        metavar="auto:N|PATTERNS",
+        help="8-bit inputs on some layers (per-layer mixed precision, --scheme qvgen): auto:N picks the N layers "
+        "whose round-to-nearest quantization alone costs the teacher the most on the first training clips (one "
+        "forward pass per layer and clip; the pick is kept in OUTPUT/act8_layers.json), or comma-separated "
+        "fnmatch patterns (e.g. proj_out)",
     )
     q.add_argument(
         "--train-transform",
@@ -193,6 +205,7 @@ def quant_config(args: argparse.Namespace) -> QVGenConfig:
         transform_seed=args.seed,
         zero_point_grad=args.zero_point_grad,
         act_group_size=args.act_group_size,
+        layer_act_bits=args.act8_layers.layer_act_bits() if args.act8_layers else {},
     )
 
 
@@ -258,6 +271,12 @@ def run(args: argparse.Namespace) -> Path:
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     teacher = load_teacher(args.model, family, torch.bfloat16 if cuda else torch.float32, args.revision)
     objective = make_objective(args.model, family, teacher, args.revision)
+    if args.act8_layers and args.act8_layers.auto:
+        n = args.act8_layers.auto
+        with ctx.main_first() as main:  # rank 0 measures (or finds an earlier run's pick), the others wait
+            if main:
+                measure_act8_layers(teacher, qconfig, dataset, objective, opts, n, args.device)
+        qconfig = with_act8_layers(qconfig, opts.output_dir / ACT8_FILE, n)
     result = train(teacher, qconfig, dataset, opts, objective=objective, device=args.device)
     if not result.is_main_process:
         return export_path(args)
