@@ -132,11 +132,10 @@ class QVGenConfig:
                     f"{name}: scheme {self.scheme!r} has a fixed input transform; expected the default, "
                     f"got {getattr(self, name)!r}"
                 )
-        if self.smooth_buckets > 1 and not (uses_smoothing(self.input_transform) and self.train_transform):
+        if self.smooth_buckets > 1 and not uses_smoothing(self.input_transform):
             raise ConfigError(
-                f"smooth_buckets: per-bucket scales start equal and only training separates them; expected "
-                f"input_transform smooth or smooth_hadamard with train_transform, got {self.input_transform!r} "
-                f"with train_transform={self.train_transform!r}"
+                f"smooth_buckets: timestep-dependent smoothing scales; expected input_transform smooth or "
+                f"smooth_hadamard, got {self.input_transform!r}"
             )
         lr = self.learned_rotation
         if lr and (lr < 2 or lr & (lr - 1)):

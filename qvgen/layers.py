@@ -109,7 +109,7 @@ class QVGenLinear(nn.Module):
         signs = random_signs(self.in_features, name, config.transform_seed) if uses_rotation(self.transform) else None
         self.register_buffer("input_signs", signs)
         # smooth_buckets > 1: one row of scales per group of timestep buckets (README, "Timestep-dependent
-        # smoothing"); all rows start equal, training separates them
+        # smoothing"), each calibrated on its group's inputs (surgery.calibrate_smoothing)
         self.n_buckets, self.smooth_buckets = config.n_buckets, config.smooth_buckets
         shape = (self.smooth_buckets, self.in_features) if self.smooth_buckets > 1 else (self.in_features,)
         log_s = torch.zeros(shape) if uses_smoothing(self.transform) else None
@@ -198,11 +198,24 @@ class QVGenLinear(nn.Module):
         return w * (s if s.dim() == 1 else s[group])
 
     @torch.no_grad()
-    def set_smoothing(self, act_absmax: Tensor, alpha: float) -> None:
-        """SmoothQuant scales from the per-channel max |input| (in the rotated space)."""
+    def set_smoothing(self, act_absmax: Tensor, alpha: float, group: int | None = None) -> None:
+        """SmoothQuant scales from the per-channel max |input| (in the rotated space); `group`: one
+        row of timestep-dependent scales (None: every row)."""
         if self.smooth_log is None:
             return
-        self.smooth_log.copy_(smoothing_scales(act_absmax, self.weight, alpha).log())
+        log_s = smoothing_scales(act_absmax, self.weight, alpha).log()
+        (self.smooth_log if group is None else self.smooth_log[group]).copy_(log_s)
+
+    def calibration_rows(self, x: Tensor) -> list[tuple[int | None, Tensor]]:
+        """`x` as (None, all of it), then with timestep-dependent smoothing (group, its samples) for
+        each smoothing group in the batch: what the per-group SmoothQuant statistics are taken over."""
+        out: list[tuple[int | None, Tensor]] = [(None, x)]
+        g = self.smooth_group()
+        if self.smooth_buckets == 1:
+            return out
+        if not isinstance(g, Tensor) or g.numel() == 1:
+            return [*out, (int(g), x)]
+        return out + [(gi, x[g.to(x.device) == gi]) for gi in g.unique().tolist()]
 
     # ---- Φ -----------------------------------------------------------------------------------
     @property

@@ -24,7 +24,7 @@ from qvgen import QVGenConfig, convert_model
 from qvgen.config import ConfigError
 from qvgen.layers import QVGenLinear
 from qvgen.timestep import TimestepState
-from qvgen.transforms import block_rotate, cayley, smooth_group
+from qvgen.transforms import block_rotate, cayley, smooth_group, smoothing_scales
 
 U32 = 2.0**-24  # fp32 unit roundoff
 K, N, N_BUCKETS = 128, 48, 10
@@ -128,6 +128,27 @@ def test_mixed_batch_equals_the_folded_per_group_form(extra: dict) -> None:
             assert (batched[i : i + 1] - folded).abs().max().item() <= tol
 
 
+def test_calibration_is_per_group() -> None:
+    """Each group's row is SmoothQuant on its own inputs; a group without calibration data gets all of them."""
+    model = torch.nn.Sequential(torch.nn.Linear(K, N))
+    cfg = _config(smooth_buckets=5, input_transform="smooth")
+    gen = torch.Generator().manual_seed(3)
+    xs = {50.0: torch.randn(2, 4, K, generator=gen), 950.0: torch.randn(2, 4, K, generator=gen) * 5}
+
+    def run(m: torch.nn.Module) -> None:
+        for t, x in xs.items():
+            m(x, timestep=torch.full((2,), t))
+
+    model.forward = lambda x, timestep: torch.nn.Sequential.forward(model, x)  # convert_model's hook reads it
+    convert_model(model, cfg, progress=False, calibrate=run)
+    layer = model[0]
+    amax = {t: x.abs().reshape(-1, K).amax(0) for t, x in xs.items()}
+    expect = {0: amax[50.0], 4: amax[950.0], 1: torch.maximum(amax[50.0], amax[950.0])}
+    for group, a in expect.items():
+        ref = smoothing_scales(a, layer.weight, cfg.smooth_alpha).log()
+        assert torch.equal(layer.smooth_log[group], ref)
+
+
 # ---- orthogonality and gradients --------------------------------------------------------------------
 
 
@@ -196,7 +217,6 @@ def test_config_fields_and_validation() -> None:
     bad = [
         (dict(smooth_buckets=11), "smooth_buckets: expected an integer in \\[1, 10\\]"),
         (dict(smooth_buckets=2, input_transform="hadamard"), "smooth_buckets: .*smooth or smooth_hadamard"),
-        (dict(smooth_buckets=2, train_transform=False), "smooth_buckets: .*train_transform"),
         (dict(learned_rotation=48), "learned_rotation: expected 0 \\(off\\) or a power of two"),
         (dict(learned_rotation=1), "learned_rotation: expected 0 \\(off\\) or a power of two"),
         (dict(learned_rotation=32, input_transform="smooth"), "learned_rotation: .*hadamard or smooth_hadamard"),
@@ -244,6 +264,10 @@ def test_train_and_demo_flags_reach_the_config() -> None:
         name: (c.smooth_buckets, c.learned_rotation) for name, c in configs.items() if "+tb" in name or "+rot" in name
     }
     assert tagged == {
+        "PTQ+smooth+tb2": (2, 0),
+        "PTQ+smooth+tb5": (5, 0),
+        "PTQ+smooth_hadamard+tb2": (2, 0),
+        "PTQ+smooth_hadamard+tb5": (5, 0),
         "QAT+smooth+tb2": (2, 0),
         "QVGen+smooth+tb2": (2, 0),
         "QAT+smooth+tb5": (5, 0),

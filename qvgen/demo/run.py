@@ -158,8 +158,9 @@ def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
             modules_to_not_convert=list(args.keep),
         )
         suffix = "" if transform == "none" else f"+{transform}"
-        out[f"PTQ{suffix}"] = QVGenConfig(rank=0, **base)
         for tag, extra in _learned_variants(args, transform):  # "" first: the plain transform
+            if "learned_rotation" not in extra:  # a learned rotation starts at the plain one: PTQ is the same
+                out[f"PTQ{suffix}{tag}"] = QVGenConfig(rank=0, **base, **extra)
             out[f"QAT{suffix}{tag}"] = QVGenConfig(rank=0, **base, **extra)
             out[f"QVGen{suffix}{tag}"] = QVGenConfig(
                 rank=args.rank, phase_steps=max(1, args.steps // phases), **base, **extra
@@ -170,7 +171,7 @@ def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
 
 def _learned_variants(args: argparse.Namespace, transform: str) -> list[tuple[str, dict]]:
     """(name tag, config fields) of the trained variants of `transform`: itself, then the learned transforms
-    (`--smooth-buckets`, `--learned-rotation`) it admits; PTQ has none (their parameters start at the plain ones)."""
+    (`--smooth-buckets`, `--learned-rotation`) it admits."""
     out: list[tuple[str, dict]] = [("", {})]
     if uses_smoothing(transform):
         out += [(f"+tb{g}", {"smooth_buckets": g}) for g in args.smooth_buckets if g > 1]
