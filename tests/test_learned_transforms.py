@@ -280,3 +280,17 @@ def test_train_and_demo_flags_reach_the_config() -> None:
         "QVGen+smooth_hadamard+rot32": (1, 32),
     }
     assert configs["QVGen+smooth"].smooth_buckets == 1  # the plain rows stay
+    only = _configs(demo_parser().parse_args([*demo, "--only", "*+tb5,PTQ+smooth"]))
+    assert list(only) == [
+        "PTQ",
+        "QAT",
+        "QVGen",
+        "PTQ+smooth",
+        "PTQ+smooth+tb5",
+        "QAT+smooth+tb5",
+        "QVGen+smooth+tb5",
+    ] + [
+        "PTQ+smooth_hadamard+tb5",
+        "QAT+smooth_hadamard+tb5",
+        "QVGen+smooth_hadamard+tb5",
+    ]

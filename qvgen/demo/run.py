@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import json
 import sys
 import time
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train QAT and QVGen with a learned block-diagonal rotation of this block size after the "
         "Hadamard, for each rotating transform (comma-separated, e.g. 32,128)",
     )
+    p.add_argument(
+        "--only",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=[],
+        help="run only the methods whose column name matches one of these fnmatch patterns (e.g. '*+tb*'); PTQ, "
+        "QAT and QVGen (the ratios' baselines and the pictures) always run: to add rows to an earlier run in less time",
+    )
     schemes.add_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
@@ -166,6 +174,9 @@ def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
                 rank=args.rank, phase_steps=max(1, args.steps // phases), **base, **extra
             )
     out.update(schemes.scheme_configs(args, base))  # --schemes: ComfyUI's other native formats
+    if args.only:
+        keep = ["PTQ", "QAT", "QVGen", *args.only]
+        out = {name: c for name, c in out.items() if any(fnmatch.fnmatchcase(name, p) for p in keep)}
     return out
 
 
