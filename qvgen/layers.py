@@ -87,6 +87,11 @@ class QVGenLinear(nn.Module):
         if why:
             raise ValueError(f"{name or 'layer'}: scheme {self.scheme.name!r} cannot quantize it: {why}")
         self.weight_quantizer, self.act_quantizer = self.scheme.quantizers(out_features, in_features, config)
+        # timestep-dependent smoothing: smoothing group g > 0 folds other scales into the weight, so its
+        # int weight gets its own per-channel scale and zero point (one packed weight per group)
+        self.group_weight_quantizers = nn.ModuleList(
+            self.scheme.quantizers(out_features, in_features, config)[0] for _ in range(config.smooth_buckets - 1)
+        )
         r = min(config.rank if rank is None else rank, in_features, out_features)
         self.phi_down: nn.Parameter | None = None
         self.phi_up: nn.Parameter | None = None
@@ -150,6 +155,8 @@ class QVGenLinear(nn.Module):
     def init_quantization(self) -> None:
         """Clip search of the weight quantizer, then Φ from the remaining error."""
         self.weight_quantizer.init_from(self.effective_weight())
+        for g, wq in enumerate(self.group_weight_quantizers, start=1):
+            wq.init_from(self.effective_weight(g))
         self.init_phi()
 
     # ---- input transform ---------------------------------------------------------------------
@@ -289,9 +296,13 @@ class QVGenLinear(nn.Module):
             y = y + F.linear(down, self.phi_up.to(x_hat.dtype))
         return y
 
+    def weight_quantizer_of(self, group: int) -> nn.Module:
+        """The weight quantizer of smoothing group `group` (the layer's own for group 0)."""
+        return self.weight_quantizer if group == 0 else self.group_weight_quantizers[group - 1]
+
     def _weight_hat(self, group: int) -> Tensor:
         w = self.effective_weight(group)
-        return self.weight_quantizer(w) if self.quantize_weights else w
+        return self.weight_quantizer_of(group)(w) if self.quantize_weights else w
 
     def _quantized_linear(self, x_hat: Tensor, bias: Tensor | None) -> Tensor:
         """`x̂ Ŵᵀ + b`; with timestep-dependent smoothing each sample uses its group's weight."""

@@ -23,6 +23,7 @@ from tiny_models import wan_inputs
 from qvgen import QVGenConfig, convert_model
 from qvgen.config import ConfigError
 from qvgen.layers import QVGenLinear
+from qvgen.quantizers import init_weight_qparams
 from qvgen.timestep import TimestepState
 from qvgen.transforms import block_rotate, cayley, smooth_group, smoothing_scales
 
@@ -52,7 +53,7 @@ def _randomise(layer: QVGenLinear, seed: int = 1) -> None:
             layer.smooth_log.copy_(torch.randn(layer.smooth_log.shape, generator=g) * 0.7)
         if layer.rot_skew is not None:
             layer.rot_skew.copy_(torch.randn(layer.rot_skew.shape, generator=g) * 0.2)
-        layer.weight_quantizer.init_from(layer.effective_weight())
+        layer.init_quantization()
 
 
 def _x(batch: int = 3, tokens: int = 6, seed: int = 2) -> torch.Tensor:
@@ -115,10 +116,10 @@ def test_mixed_batch_equals_the_folded_per_group_form(extra: dict) -> None:
         batched = layer(x)
         groups = smooth_group(state.bucket, N_BUCKETS, layer.smooth_buckets)
         assert len(set(groups.tolist())) > 1  # the batch mixes groups
-        wq = layer.weight_quantizer
         for i, t in enumerate(TIMESTEPS):
             state.set_timestep(float(t))
             g = int(groups[i])
+            wq = layer.weight_quantizer_of(g)  # each group's packed weight has its own scales
             codes = wq.int_codes(layer.effective_weight(g))  # the packed weight of group g
             w = (codes.float() - wq.zero) * wq.scale  # dequantized
             x_hat = layer.act_quantizer(layer.transform_input(x[i : i + 1]), state.bucket)
@@ -126,6 +127,15 @@ def test_mixed_batch_equals_the_folded_per_group_form(extra: dict) -> None:
             # same codes on both sides: only the K-term sum's order may differ
             tol = 4 * K * U32 * float((x_hat.abs() @ w.abs().T).max())
             assert (batched[i : i + 1] - folded).abs().max().item() <= tol
+
+
+def test_each_group_has_its_own_weight_scales() -> None:
+    _, layer, _ = _layer(_config(smooth_buckets=3))
+    _randomise(layer)
+    for g in range(3):
+        ref = init_weight_qparams(layer.effective_weight(g).detach(), 4)
+        assert all(torch.equal(a, b) for a, b in zip(layer.weight_quantizer_of(g).parameters(), ref, strict=True))
+    assert not torch.equal(layer.weight_quantizer_of(1).scale, layer.weight_quantizer_of(2).scale)
 
 
 def test_calibration_is_per_group() -> None:
