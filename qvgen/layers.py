@@ -113,8 +113,8 @@ class QVGenLinear(nn.Module):
         self.rot_block = hadamard_block(self.in_features, config.hadamard_block)
         signs = random_signs(self.in_features, name, config.transform_seed) if uses_rotation(self.transform) else None
         self.register_buffer("input_signs", signs)
-        # smooth_buckets > 1: one row of scales per group of timestep buckets (README, "Timestep-dependent
-        # smoothing"), each calibrated on its group's inputs (surgery.calibrate_smoothing)
+        # smooth_buckets > 1: one row of scales per group of timestep buckets (README, "Timestep-dependent smoothing
+        # and learned rotations"), each calibrated on its group's inputs (surgery.calibrate_smoothing)
         self.n_buckets, self.smooth_buckets = config.n_buckets, config.smooth_buckets
         shape = (self.smooth_buckets, self.in_features) if self.smooth_buckets > 1 else (self.in_features,)
         log_s = torch.zeros(shape) if uses_smoothing(self.transform) else None
