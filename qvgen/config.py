@@ -22,6 +22,7 @@ from .transforms import TRANSFORMS, uses_rotation, uses_smoothing
 # 4: `act_group_size` and `final_rank` (older files have neither: per-token activations, Φ decayed to 0)
 FORMAT_VERSION = 4
 QUANT_METHOD = "qvgen"
+TRAINING_ONLY_FIELDS = ("smooth_buckets", "learned_rotation")  # not exportable (README, "Timestep-dependent …")
 
 
 class ConfigError(ValueError):
@@ -161,7 +162,13 @@ class QVGenConfig:
 
     # ---- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except the training-only experiments at their defaults: a checkpoint (which can
+        only hold the defaults) then reads in any QVGen of format version 4."""
+        data = dataclasses.asdict(self)
+        for name in TRAINING_ONLY_FIELDS:
+            if data[name] == getattr(QVGenConfig, name):
+                del data[name]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -224,6 +224,8 @@ def test_config_fields_and_validation() -> None:
     back = QVGenConfig.from_json(cfg.to_json())
     assert (back.smooth_buckets, back.learned_rotation) == (5, 64)
     assert (QVGenConfig.from_dict({}).smooth_buckets, QVGenConfig.from_dict({}).learned_rotation) == (1, 0)
+    # at their defaults they stay out of every written config: checkpoints keep format v4's keys
+    assert not {"smooth_buckets", "learned_rotation"} & set(QVGenConfig().to_dict())
     bad = [
         (dict(smooth_buckets=11), "smooth_buckets: expected an integer in \\[1, 10\\]"),
         (dict(smooth_buckets=2, input_transform="hadamard"), "smooth_buckets: .*smooth or smooth_hadamard"),
