@@ -15,7 +15,7 @@ from typing import Any
 
 from .quantizers import ZERO_POINT_GRADS
 from .schemes import SCHEMES  # the schemes' arithmetic and names (qvgen.schemes)
-from .transforms import TRANSFORMS
+from .transforms import TRANSFORMS, uses_rotation, uses_smoothing
 
 # 2: the `scheme` field (version-1 configs have none and are read as "qvgen"); 3: the input-transform
 # fields and tensors (`input_signs`, `smooth`) and `zero_point_grad` (older files have none: no transform);
@@ -23,6 +23,7 @@ from .transforms import TRANSFORMS
 # 5: `layer_act_bits` and the per-layer `input_bits` tensor (older files: one activation width for all layers)
 FORMAT_VERSION = 5
 QUANT_METHOD = "qvgen"
+TRAINING_ONLY_FIELDS = ("smooth_buckets", "learned_rotation")  # not exportable (README, "Timestep-dependent …")
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,9 @@ class QVGenConfig:
     transform_seed: int = 0  # seeds each layer's random draws: Hadamard signs, Φ's randomized SVD init
     smooth_alpha: float = 0.5
     train_transform: bool = False
+    # training-only experiments (README, "Timestep-dependent smoothing and learned rotations"; not exportable):
+    smooth_buckets: int = 1  # > 1: smoothing scales per this many groups of the timestep buckets
+    learned_rotation: int = 0  # b > 0: a learned block-diagonal (b × b) rotation after the Hadamard
     scheme: str = "qvgen"
     format_version: int = FORMAT_VERSION
     quant_method: str = QUANT_METHOD
@@ -115,6 +119,7 @@ class QVGenConfig:
                 f"format's blocks); expected None, got {self.act_group_size!r}"
             )
         self._validate_layer_act_bits()
+        self._check_learned_transforms()
         why = SCHEMES[self.scheme].check(self)
         if why:
             raise ConfigError(why)
@@ -136,6 +141,30 @@ class QVGenConfig:
             )
         if v and self.act_bits is None:
             raise ConfigError(f"layer_act_bits: needs quantized activations (act_bits), got act_bits=None and {v!r}")
+
+    def _check_learned_transforms(self) -> None:
+        """`smooth_buckets` and `learned_rotation`: in range, with the transform they extend, `qvgen` scheme only."""
+        _check_int("smooth_buckets", self.smooth_buckets, 1, self.n_buckets)
+        _check_int("learned_rotation", self.learned_rotation, 0, 4096)
+        for name, on in (("smooth_buckets", self.smooth_buckets > 1), ("learned_rotation", self.learned_rotation)):
+            if on and not SCHEMES[self.scheme].learned_transforms:
+                raise ConfigError(
+                    f"{name}: scheme {self.scheme!r} has a fixed input transform; expected the default, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if self.smooth_buckets > 1 and not uses_smoothing(self.input_transform):
+            raise ConfigError(
+                f"smooth_buckets: timestep-dependent smoothing scales; expected input_transform smooth or "
+                f"smooth_hadamard, got {self.input_transform!r}"
+            )
+        lr = self.learned_rotation
+        if lr and (lr < 2 or lr & (lr - 1)):
+            raise ConfigError(f"learned_rotation: expected 0 (off) or a power of two ≥ 2, got {lr!r}")
+        if lr and not uses_rotation(self.input_transform):
+            raise ConfigError(
+                f"learned_rotation: starts at the randomised Hadamard; expected input_transform hadamard or "
+                f"smooth_hadamard, got {self.input_transform!r}"
+            )
 
     # ---- layer selection -------------------------------------------------------------------
     def should_convert(self, name: str) -> bool:
@@ -164,7 +193,13 @@ class QVGenConfig:
 
     # ---- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except the training-only experiments at their defaults: a checkpoint (which can
+        only hold the defaults) then reads in any QVGen of format version 4."""
+        data = dataclasses.asdict(self)
+        for name in TRAINING_ONLY_FIELDS:
+            if data[name] == getattr(QVGenConfig, name):
+                del data[name]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -17,7 +17,17 @@ from torch import Tensor, nn
 from .config import QVGenConfig
 from .schemes import Scheme, get_scheme
 from .timestep import TimestepState, bucket_of
-from .transforms import hadamard_block, random_signs, rotate, smoothing_scales, uses_rotation, uses_smoothing
+from .transforms import (
+    block_rotate,
+    cayley,
+    hadamard_block,
+    random_signs,
+    rotate,
+    smooth_group,
+    smoothing_scales,
+    uses_rotation,
+    uses_smoothing,
+)
 
 
 def layer_seed(name: str, seed: int) -> int:
@@ -80,6 +90,11 @@ class QVGenLinear(nn.Module):
         layer_config = config.for_layer(name)
         self.own_act_bits = None if layer_config is config else layer_config.act_bits
         self.weight_quantizer, self.act_quantizer = self.scheme.quantizers(out_features, in_features, layer_config)
+        # timestep-dependent smoothing: smoothing group g > 0 folds other scales into the weight, so its
+        # int weight gets its own per-channel scale and zero point (one packed weight per group)
+        self.group_weight_quantizers = nn.ModuleList(
+            self.scheme.quantizers(out_features, in_features, layer_config)[0] for _ in range(config.smooth_buckets - 1)
+        )
         r = min(config.rank if rank is None else rank, in_features, out_features)
         self.phi_down: nn.Parameter | None = None
         self.phi_up: nn.Parameter | None = None
@@ -101,11 +116,21 @@ class QVGenLinear(nn.Module):
         self.rot_block = hadamard_block(self.in_features, config.hadamard_block)
         signs = random_signs(self.in_features, name, config.transform_seed) if uses_rotation(self.transform) else None
         self.register_buffer("input_signs", signs)
-        log_s = torch.zeros(self.in_features) if uses_smoothing(self.transform) else None
+        # smooth_buckets > 1: one row of scales per group of timestep buckets (README, "Timestep-dependent smoothing
+        # and learned rotations"), each calibrated on its group's inputs (surgery.calibrate_smoothing)
+        self.n_buckets, self.smooth_buckets = config.n_buckets, config.smooth_buckets
+        shape = (self.smooth_buckets, self.in_features) if self.smooth_buckets > 1 else (self.in_features,)
+        log_s = torch.zeros(shape) if uses_smoothing(self.transform) else None
         if log_s is not None and config.train_transform:
             self.smooth_log = nn.Parameter(log_s)
         else:
             self.register_buffer("smooth_log", log_s)
+        # learned_rotation b: a block-diagonal orthogonal C (Cayley, identity at init) after the fixed
+        # randomised Hadamard, so the learned rotation Q·C starts at Q
+        self.rot_skew: nn.Parameter | None = None
+        if config.learned_rotation:
+            b = hadamard_block(self.in_features, config.learned_rotation)
+            self.rot_skew = nn.Parameter(torch.zeros(self.in_features // b, b, b))
 
     @property
     def scheme(self) -> Scheme:
@@ -133,11 +158,24 @@ class QVGenLinear(nn.Module):
     def init_quantization(self) -> None:
         """Clip search of the weight quantizer, then Φ from the remaining error."""
         self.weight_quantizer.init_from(self.effective_weight())
+        for g, wq in enumerate(self.group_weight_quantizers, start=1):
+            wq.init_from(self.effective_weight(g))
         self.init_phi()
 
     # ---- input transform ---------------------------------------------------------------------
     def smooth_scale(self) -> Tensor | None:
+        """Per-channel smoothing scales, (K,), or (smooth_buckets, K) with timestep-dependent smoothing."""
         return None if self.smooth_log is None else self.smooth_log.exp()
+
+    def smooth_group(self) -> Tensor | int:
+        """Row of the scales the current timestep bucket(s) use (0 without timestep-dependent smoothing)."""
+        if self.smooth_buckets == 1:
+            return 0
+        return smooth_group(bucket_of(self.timestep_state), self.n_buckets, self.smooth_buckets)
+
+    def learned_blocks(self) -> Tensor | None:
+        """The learned rotation's orthogonal blocks (K/b, b, b) in fp32, None when the layer has none."""
+        return None if self.rot_skew is None else cayley(self.rot_skew.float())
 
     def transform_input(self, x: Tensor) -> Tensor:
         """`x Q / s`: the rotation and smoothing the folded weight expects (identity when none).
@@ -153,19 +191,41 @@ class QVGenLinear(nn.Module):
         v = x.float()
         if self.input_signs is not None:
             v = rotate(v, self.input_signs.float(), self.rot_block)
-        return v if s is None else v / s.float()
+        if self.rot_skew is not None:
+            v = block_rotate(v, self.learned_blocks())
+        if s is None:
+            return v
+        return v / (s.float() if s.dim() == 1 else _rows_for_batch(s.float(), self.smooth_group(), v))
 
-    def effective_weight(self) -> Tensor:
-        """`W Q · s`, the full-precision weight that gets quantized."""
+    def effective_weight(self, group: int = 0) -> Tensor:
+        """`W Q · s`, the full-precision weight that gets quantized (`s` of smoothing group `group`)."""
+        w = self.weight
+        if self.rot_skew is not None:
+            w = block_rotate(w, self.learned_blocks()).to(w.dtype)
         s = self.smooth_scale()
-        return self.weight if s is None else self.weight * s
+        if s is None:
+            return w
+        return w * (s if s.dim() == 1 else s[group])
 
     @torch.no_grad()
-    def set_smoothing(self, act_absmax: Tensor, alpha: float) -> None:
-        """SmoothQuant scales from the per-channel max |input| (in the rotated space)."""
+    def set_smoothing(self, act_absmax: Tensor, alpha: float, group: int | None = None) -> None:
+        """SmoothQuant scales from the per-channel max |input| (in the rotated space); `group`: one
+        row of timestep-dependent scales (None: every row)."""
         if self.smooth_log is None:
             return
-        self.smooth_log.copy_(smoothing_scales(act_absmax, self.weight, alpha).log())
+        log_s = smoothing_scales(act_absmax, self.weight, alpha).log()
+        (self.smooth_log if group is None else self.smooth_log[group]).copy_(log_s)
+
+    def calibration_rows(self, x: Tensor) -> list[tuple[int | None, Tensor]]:
+        """`x` as (None, all of it), then with timestep-dependent smoothing (group, its samples) for
+        each smoothing group in the batch: what the per-group SmoothQuant statistics are taken over."""
+        out: list[tuple[int | None, Tensor]] = [(None, x)]
+        g = self.smooth_group()
+        if self.smooth_buckets == 1:
+            return out
+        if not isinstance(g, Tensor) or g.numel() == 1:
+            return [*out, (int(g), x)]
+        return out + [(gi, x[g.to(x.device) == gi]) for gi in g.unique().tolist()]
 
     # ---- Φ -----------------------------------------------------------------------------------
     @property
@@ -231,14 +291,31 @@ class QVGenLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         v = self.transform_input(x)
         x_hat = self._quantize_transformed(v).to(x.dtype)
-        w = self.effective_weight()
-        w_hat = self.weight_quantizer(w) if self.quantize_weights else w
         bias = None if self.bias is None else self.bias.to(x_hat.dtype)
-        y = F.linear(x_hat, w_hat.to(x_hat.dtype), bias)
+        y = self._quantized_linear(x_hat, bias)
         if self.phi_down is not None:
             phi_in = v.to(x_hat.dtype) if self.scheme.phi_sees_input else x_hat
             down = F.linear(phi_in, self.phi_down.to(x_hat.dtype)) * self.phi_mask.to(x_hat.dtype)
             y = y + F.linear(down, self.phi_up.to(x_hat.dtype))
+        return y
+
+    def weight_quantizer_of(self, group: int) -> nn.Module:
+        """The weight quantizer of smoothing group `group` (the layer's own for group 0)."""
+        return self.weight_quantizer if group == 0 else self.group_weight_quantizers[group - 1]
+
+    def _weight_hat(self, group: int) -> Tensor:
+        w = self.effective_weight(group)
+        return self.weight_quantizer_of(group)(w) if self.quantize_weights else w
+
+    def _quantized_linear(self, x_hat: Tensor, bias: Tensor | None) -> Tensor:
+        """`x̂ Ŵᵀ + b`; with timestep-dependent smoothing each sample uses its group's weight."""
+        g = self.smooth_group()
+        if not isinstance(g, Tensor) or g.numel() == 1:
+            return F.linear(x_hat, self._weight_hat(int(g)).to(x_hat.dtype), bias)
+        y = x_hat.new_zeros(*x_hat.shape[:-1], self.out_features)
+        for gi in g.unique().tolist():
+            rows = g.to(x_hat.device) == gi
+            y[rows] = F.linear(x_hat[rows], self._weight_hat(gi).to(x_hat.dtype), bias)
         return y
 
     # ---- export ------------------------------------------------------------------------------
@@ -253,3 +330,15 @@ class QVGenLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, W{self.weight_quantizer.bits}A{a}{kind}, rank={self.rank}"
         )
+
+
+def _rows_for_batch(table: Tensor, rows: Tensor | int, x: Tensor) -> Tensor:
+    """`table[rows]` shaped to broadcast against `x` (…, K): one row for the batch, or one per sample."""
+    if not isinstance(rows, Tensor):
+        return table[rows]
+    if rows.numel() == 1:
+        return table.index_select(0, rows.reshape(1).to(table.device, torch.long))[0]
+    if rows.numel() != x.shape[0]:
+        raise ValueError(f"timestep bucket has {rows.numel()} entries but the input batch is {x.shape[0]}")
+    picked = table[rows.to(table.device).long()]
+    return picked.view(picked.shape[0], *([1] * (x.dim() - 2)), picked.shape[-1])

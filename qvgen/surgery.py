@@ -131,15 +131,17 @@ def _warn_unmatched(config: QVGenConfig, names: list[str]) -> None:
 @torch.no_grad()
 def calibrate_smoothing(model: nn.Module, run: Callable[[nn.Module], None], alpha: float) -> None:
     """Per-channel max |input| of every layer (in its rotated space) over `run(model)`, then SmoothQuant scales."""
-    stats: dict[QVGenLinear, Tensor] = {}
+    stats: dict[tuple[QVGenLinear, int | None], Tensor] = {}
     layers = [m for m in model.modules() if isinstance(m, QVGenLinear)]
 
     def hook(layer: QVGenLinear, args: tuple) -> None:
         x = args[0].detach().float()
         if layer.input_signs is not None:
             x = rotate(x, layer.input_signs, layer.rot_block)
-        amax = x.abs().reshape(-1, x.shape[-1]).amax(dim=0)
-        stats[layer] = torch.maximum(stats[layer], amax) if layer in stats else amax
+        for group, rows in layer.calibration_rows(x):  # the whole input, then per smoothing group
+            amax = rows.abs().reshape(-1, x.shape[-1]).amax(dim=0)
+            key = (layer, group)
+            stats[key] = torch.maximum(stats[key], amax) if key in stats else amax
 
     handles = [m.register_forward_pre_hook(hook) for m in layers]
     try:
@@ -148,8 +150,8 @@ def calibrate_smoothing(model: nn.Module, run: Callable[[nn.Module], None], alph
     finally:
         for h in handles:
             h.remove()
-    for layer, amax in stats.items():
-        layer.set_smoothing(amax, alpha)
+    for (layer, group), amax in sorted(stats.items(), key=lambda kv: kv[0][1] is not None):  # all rows first
+        layer.set_smoothing(amax, alpha, group)
 
 
 def build_packed_model(

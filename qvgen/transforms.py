@@ -66,3 +66,26 @@ def smoothing_scales(act_absmax: Tensor, weight: Tensor, alpha: float = 0.5) -> 
     w_absmax = weight.detach().abs().amax(dim=0).float().clamp(min=1e-5)
     s = act_absmax.float().clamp(min=1e-5).pow(alpha) / w_absmax.pow(1 - alpha)
     return s.clamp(min=1e-3, max=1e3)
+
+
+def smooth_group(bucket: Tensor | int, n_buckets: int, groups: int) -> Tensor | int:
+    """Smoothing group of timestep bucket(s): `groups` equal runs of consecutive buckets."""
+    return bucket * groups // n_buckets
+
+
+def cayley(param: Tensor) -> Tensor:
+    """Orthogonal (…, b, b) blocks from unconstrained ones: `A = P − Pᵀ` (skew), `C = (I − A)⁻¹(I + A)`.
+
+    The Cayley map is exactly orthogonal for any `P` and is the identity at `P = 0`, so a learned
+    rotation starts where the fixed one (the randomised Hadamard) is and gradient steps stay orthogonal.
+    """
+    a = param - param.transpose(-1, -2)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(eye - a, eye + a)
+
+
+def block_rotate(x: Tensor, blocks: Tensor) -> Tensor:
+    """`x · blockdiag(blocks)` over the last dim, blocks (K/b, b, b); a weight's rows rotate the same way."""
+    nb, b, _ = blocks.shape
+    v = x.reshape(*x.shape[:-1], nb, b)
+    return torch.einsum("...nb,nbc->...nc", v, blocks.to(x.dtype)).reshape(x.shape)

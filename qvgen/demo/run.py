@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import fnmatch
 import json
 import sys
 import time
@@ -29,6 +30,7 @@ from ..eval.sensitivity import act8_mac_fraction, describe, layer_sensitivity, m
 from ..quantizers import ZERO_POINT_GRADS
 from ..surgery import convert_model
 from ..train import LatentDataset, TrainOptions, train
+from ..transforms import uses_rotation, uses_smoothing
 from . import schemes, shapes, teacher, text
 from .evaluate import EvalSet, mse, predictions, velocity_errors
 from .provenance import environment
@@ -112,6 +114,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse the training runs already in --output/runs (same settings): a finished student is loaded, "
         "not retrained, so an interrupted multi-seed run is completed by running the same command again",
     )
+    p.add_argument(
+        "--smooth-buckets",
+        type=_int_list,
+        default=[],
+        help="also train QAT and QVGen with smoothing scales per this many groups of timestep buckets, for each "
+        "smooth transform (comma-separated, e.g. 2,5; README, 'Timestep-dependent smoothing and learned rotations')",
+    )
+    p.add_argument(
+        "--learned-rotation",
+        type=_int_list,
+        default=[],
+        help="also train QAT and QVGen with a learned block-diagonal rotation of this block size after the "
+        "Hadamard, for each rotating transform (comma-separated, e.g. 32,128)",
+    )
+    p.add_argument(
+        "--only",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=[],
+        help="run only the methods whose column name matches one of these fnmatch patterns (e.g. '*+tb*'); PTQ, "
+        "QAT and QVGen (the ratios' baselines and the pictures) always run: to add rows to an earlier run in less time",
+    )
     schemes.add_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
@@ -152,10 +175,28 @@ def _configs(args: argparse.Namespace) -> dict[str, QVGenConfig]:
             modules_to_not_convert=list(args.keep),
         )
         suffix = "" if transform == "none" else f"+{transform}"
-        out[f"PTQ{suffix}"] = QVGenConfig(rank=0, **base)
-        out[f"QAT{suffix}"] = QVGenConfig(rank=0, **base)
-        out[f"QVGen{suffix}"] = QVGenConfig(rank=args.rank, phase_steps=max(1, args.steps // phases), **base)
+        for tag, extra in _learned_variants(args, transform):  # "" first: the plain transform
+            if "learned_rotation" not in extra:  # a learned rotation starts at the plain one: PTQ is the same
+                out[f"PTQ{suffix}{tag}"] = QVGenConfig(rank=0, **base, **extra)
+            out[f"QAT{suffix}{tag}"] = QVGenConfig(rank=0, **base, **extra)
+            out[f"QVGen{suffix}{tag}"] = QVGenConfig(
+                rank=args.rank, phase_steps=max(1, args.steps // phases), **base, **extra
+            )
     out.update(schemes.scheme_configs(args, base))  # --schemes: ComfyUI's other native formats
+    if args.only:
+        keep = ["PTQ", "QAT", "QVGen", *args.only]
+        out = {name: c for name, c in out.items() if any(fnmatch.fnmatchcase(name, p) for p in keep)}
+    return out
+
+
+def _learned_variants(args: argparse.Namespace, transform: str) -> list[tuple[str, dict]]:
+    """(name tag, config fields) of the trained variants of `transform`: itself, then the learned transforms
+    (`--smooth-buckets`, `--learned-rotation`) it admits."""
+    out: list[tuple[str, dict]] = [("", {})]
+    if uses_smoothing(transform):
+        out += [(f"+tb{g}", {"smooth_buckets": g}) for g in args.smooth_buckets if g > 1]
+    if uses_rotation(transform):
+        out += [(f"+rot{b}", {"learned_rotation": b}) for b in args.learned_rotation if b > 0]
     return out
 
 

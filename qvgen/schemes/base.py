@@ -53,6 +53,7 @@ class Scheme:
     phi_sees_input: bool = False
     act_groups: bool = False  # honours `act_group_size` (activation scales per group of K instead of per token)
     layer_act_bits: bool = False  # honours `layer_act_bits` (an activation width per layer)
+    learned_transforms: bool = False  # trains `smooth_buckets` / `learned_rotation` (QVGenConfig)
 
     def __post_init__(self) -> None:
         if self.file_format not in FILE_FORMATS:

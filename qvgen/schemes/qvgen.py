@@ -35,6 +35,11 @@ def quantizers(out_features: int, in_features: int, config: QVGenConfig) -> tupl
 @torch.no_grad()
 def export(layer: Any) -> dict[str, Tensor]:
     """The packed-format tensors of a trained `QVGenLinear` (see docs/format.md)."""
+    if layer.smooth_buckets > 1 or layer.rot_skew is not None:
+        raise NotImplementedError(
+            "smooth_buckets / learned_rotation: training-only experiments, the packed format (v4) has no "
+            "per-bucket weights or learned rotation; see README, 'Timestep-dependent smoothing and learned rotations'"
+        )
     wq, r = layer.weight_quantizer, layer.rank
     return assemble(
         wq.int_codes(layer.effective_weight()),
@@ -95,4 +100,5 @@ SCHEME = Scheme(
     inference_types=(PackedLinear,),
     act_groups=True,
     layer_act_bits=True,
+    learned_transforms=True,
 )

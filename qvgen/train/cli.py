@@ -105,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="learn the smoothing scales during QAT",
     )
+    q.add_argument(
+        "--smooth-buckets",
+        type=int,
+        default=QVGenConfig.smooth_buckets,
+        help="experiment, not exportable: smoothing scales per this many groups of timestep buckets (README, "
+        "'Timestep-dependent smoothing and learned rotations')",
+    )
+    q.add_argument(
+        "--learned-rotation",
+        type=int,
+        default=QVGenConfig.learned_rotation,
+        help="experiment, not exportable: learn a block-diagonal rotation of this block size after the Hadamard "
+        "(needs --input-transform hadamard or smooth_hadamard; 0: off)",
+    )
     q.add_argument("--weight-bits", type=int, default=4)
     q.add_argument(
         "--act-bits",
@@ -206,6 +220,8 @@ def quant_config(args: argparse.Namespace) -> QVGenConfig:
         zero_point_grad=args.zero_point_grad,
         act_group_size=args.act_group_size,
         layer_act_bits=args.act8_layers.layer_act_bits() if args.act8_layers else {},
+        smooth_buckets=args.smooth_buckets,
+        learned_rotation=args.learned_rotation,
     )
 
 
@@ -244,6 +260,8 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
 
 def run(args: argparse.Namespace) -> Path:
     qconfig = quant_config(args)  # validate settings before any heavy work
+    if args.push_to_hub and (qconfig.smooth_buckets > 1 or qconfig.learned_rotation):
+        raise ValueError("--push-to-hub: --smooth-buckets / --learned-rotation models cannot be exported")
     opts = train_options(args)
     family = detect_family(args.model, args.revision)
     cache = args.cache or args.output / "cache"
@@ -280,6 +298,12 @@ def run(args: argparse.Namespace) -> Path:
     result = train(teacher, qconfig, dataset, opts, objective=objective, device=args.device)
     if not result.is_main_process:
         return export_path(args)
+    if qconfig.smooth_buckets > 1 or qconfig.learned_rotation:
+        print(
+            f"{args.output}: smooth_buckets / learned_rotation are training-only experiments the packed format "
+            "cannot hold; the training checkpoint is kept there, nothing was exported"
+        )
+        return args.output
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.export_dtype]
     if get_scheme(qconfig.scheme).file_format == "comfy":
         from ..adapters.comfy.native import export_comfy

@@ -174,7 +174,7 @@ def param_groups(student: nn.Module, opts: TrainOptions) -> list[dict[str, Any]]
             continue
         if name.endswith("clip_logits"):
             clip.append(p)
-        elif p.dim() >= 2 and "quantizer" not in name:
+        elif p.dim() >= 2 and "quantizer" not in name and not name.endswith(("smooth_log", "rot_skew")):
             decay.append(p)
         else:
             no_decay.append(p)
