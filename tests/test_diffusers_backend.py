@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import tiny_wan, tiny_wan_pipeline, wan_inputs, word_tokenizer
+from tiny_models import tiny_cogvideox_pipeline, tiny_wan, tiny_wan_pipeline, wan_inputs
 from torch import nn
 
 import qvgen
@@ -240,50 +240,6 @@ def test_pipeline_quantization_config_still_works(tmp_path):
     # `quant_backend=` needs the backend in transformers too; QVGen quantizes only the diffusion transformer.
     with pytest.raises(ValueError, match="quant_backend=qvgen was not found"):
         PipelineQuantizationConfig(quant_backend="qvgen", quant_kwargs={"weight_bits": 4})
-
-
-def tiny_cogvideox_pipeline():
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
-    from transformers import T5Config, T5EncoderModel
-
-    tokenizer = word_tokenizer("a red green blue circle square moving right")
-    torch.manual_seed(0)
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=32, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, relative_attention_num_buckets=8
-        )
-    )
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=8,
-        text_embed_dim=32,
-        num_layers=1,
-        sample_width=2,
-        sample_height=2,
-        sample_frames=9,
-        patch_size=1,
-        temporal_compression_ratio=4,
-        max_text_seq_length=16,
-    )
-    vae = AutoencoderKLCogVideoX(
-        down_block_types=("CogVideoXDownBlock3D",) * 4,
-        up_block_types=("CogVideoXUpBlock3D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=2,
-        temporal_compression_ratio=4,
-    )
-    return CogVideoXPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        transformer=transformer,
-        scheduler=CogVideoXDDIMScheduler(),
-    )
 
 
 def test_cogvideox_from_pretrained_and_pipeline(tmp_path):
