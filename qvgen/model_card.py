@@ -175,7 +175,7 @@ def _body(info: CardInfo) -> str:
                     if c.act_bits is None
                     else f"{c.act_bits}-bit, {_act_granularity(c.act_group_size)}, dynamic, asymmetric, "
                     "learned clipping "
-                    f"({c.n_buckets} timestep bucket{'s' if c.n_buckets != 1 else ''})",
+                    f"({c.n_buckets} timestep bucket{'s' if c.n_buckets != 1 else ''})" + _layer_widths(c),
                 ),
                 ("quantized layers", _patterns(c.modules_to_convert)),
                 ("kept in full precision", _patterns(c.modules_to_not_convert) if c.modules_to_not_convert else "none"),
@@ -336,6 +336,16 @@ def _table(rows: list[tuple[str, str] | None], header: tuple[str, str] = ("", ""
     lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
     lines += [f"| {k} | {v} |" for row in rows if row is not None for k, v in [row]]
     return "\n".join(lines) + "\n"
+
+
+def _layer_widths(c: QVGenConfig) -> str:
+    """The per-layer activation widths of a mixed-precision model (`layer_act_bits`), '' when there are none."""
+    if not c.layer_act_bits:
+        return ""
+    by_bits: dict[int, list[str]] = {}
+    for pattern, bits in c.layer_act_bits.items():
+        by_bits.setdefault(bits, []).append(pattern)
+    return "; " + "; ".join(f"{bits}-bit on {_patterns(p)}" for bits, p in sorted(by_bits.items()))
 
 
 def _patterns(patterns: list[str]) -> str:

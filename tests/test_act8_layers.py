@@ -354,3 +354,14 @@ def test_diffusers_quantize_on_load_gives_the_layer_its_width(tmp_path) -> None:
     model.save_pretrained(tmp_path / "q")  # and back: the shells are built from the saved config
     again = WanTransformer3DModel.from_pretrained(tmp_path / "q")
     assert again.proj_out.act_bits == 8 and torch.equal(again.proj_out.input_bits, model.proj_out.input_bits)
+
+
+def test_model_card_states_the_per_layer_widths() -> None:
+    from qvgen.model_card import CardInfo, render_model_card
+
+    def card(layer_act_bits: dict[str, int]) -> str:
+        config = QVGenConfig(layer_act_bits=layer_act_bits)
+        return str(render_model_card(CardInfo("me/m", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", config)))
+
+    assert "; 8-bit on `proj_out`, `blocks.0.ffn.*`" in card({"proj_out": 8, "blocks.0.ffn.*": 8})
+    assert "-bit on" not in card({})
