@@ -89,8 +89,7 @@ def load_quantized_model(
                 model = empty_model(json.loads(meta.get(META_MODEL_CONFIG, "{}")), path, model_cls)
             return load_comfy_native(path, model, dtype=dtype, device=device)
     elif native_folder_config(path) is not None:  # the diffusers folder of a ComfyUI-native scheme
-        model = empty_model(json.loads((path / "config.json").read_text()), path, model_cls)
-        return load_native_folder(path, model, dtype=dtype, device=device)
+        return load_native_folder(path, model_cls=model_cls, dtype=dtype, device=device)
     ckpt = load_checkpoint(path)
     model = empty_model(ckpt.model_config, path, model_cls)
     return load_packed_model(model, ckpt, str(path), dtype=dtype, device=device)

@@ -548,18 +548,20 @@ def load_native_folder(
     folder: str | os.PathLike,
     model: nn.Module | None = None,
     *,
+    model_cls: type[nn.Module] | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> nn.Module:
     """`load_comfy_native` for the diffusers folder of a ComfyUI-native scheme (`export_native_folder`):
-    the scheme's inference layers (`Scheme.shell`) filled with the folder's tensors, checked strictly."""
+    the scheme's inference layers (`Scheme.shell`) filled with the folder's tensors, checked strictly.
+    Without `model`, an empty one is built from the folder's config.json (as `model_cls` when given)."""
 
     folder = Path(folder)
     config = native_folder_config(folder)
     if config is None:
         raise ComfyNativeError(f"{folder}: no config.json with a ComfyUI-native scheme's '{META_QCONFIG}'")
     if model is None:
-        model = empty_model(json.loads((folder / "config.json").read_text()), folder)
+        model = empty_model(json.loads((folder / "config.json").read_text()), folder, model_cls)
     build_packed_model(model, config, dtype=dtype, device="meta")
     state: dict[str, Tensor] = {}
     for f in indexed_shards(folder) or [folder / "diffusion_pytorch_model.safetensors"]:
